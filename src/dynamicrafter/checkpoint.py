@@ -1,0 +1,241 @@
+"""Opening checkpoints safely and loading them strictly into :class:`DynamiCrafter`.
+
+Accepted containers: the released ``.ckpt`` (``{"state_dict": ...}``), the DeepSpeed variant (``{"module": ...}``
+with a 16-character ``_forward_module.`` prefix on every key), a bare dict of tensors, and ``.safetensors``
+(either the original key names or the names written by ``dynamicrafter convert``).  Pickles are opened with
+``weights_only=True`` (no arbitrary code runs) and memory-mapped; every tensor is cast to the target dtype and
+device as it is assigned, so the float32 copy never exists in full.
+
+Loading is strict: every parameter must be present with its exact shape and every key must be known (keys that
+inference never uses are known and dropped).  A mismatch raises :class:`CheckpointError` naming the keys, with a
+hint about which model the file looks like.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .models.dynamicrafter import DynamiCrafter
+from .models.encoders import convert_text_state_dict, convert_vae_state_dict, convert_vision_state_dict
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+# Original prefix -> our sub-module name, and the per-tower key conversion (None: names are identical).
+COMPONENTS = (
+    ("model.diffusion_model.", "unet", None),
+    ("image_proj_model.", "image_proj", None),
+    ("cond_stage_model.model.", "text_encoder", convert_text_state_dict),
+    ("embedder.model.", "image_encoder", convert_vision_state_dict),
+    ("first_stage_model.", "vae", convert_vae_state_dict),
+)
+# DDPM schedule buffers: recomputed from the config (sampling.make_schedule), never read from the file.
+SCHEDULE_BUFFERS = frozenset(
+    "betas alphas_cumprod alphas_cumprod_prev sqrt_alphas_cumprod sqrt_one_minus_alphas_cumprod "
+    "log_one_minus_alphas_cumprod sqrt_recip_alphas_cumprod sqrt_recipm1_alphas_cumprod posterior_variance "
+    "posterior_log_variance_clipped posterior_mean_coef1 posterior_mean_coef2 scale_arr".split()
+)
+DEEPSPEED_PREFIX_LEN = len("_forward_module.")
+OUR_PREFIXES = tuple(f"{name}." for _, name, _ in COMPONENTS)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The flat state dict of a checkpoint file, container unwrapped; tensors memory-mapped where possible."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains objects other than tensors (only weights-only checkpoints are "
+            f"loaded, so no code from the file runs)"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"cannot read {path}: truncated or not a PyTorch checkpoint ({exc})") from exc
+    return unwrap_container(obj, path)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: truncated or not a safetensors file ({exc})") from exc
+
+
+def unwrap_container(obj: object, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
+    """``state_dict`` / DeepSpeed ``module`` / bare dict -> flat ``{key: tensor}`` with the original key names."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        sd = dict(obj["state_dict"])
+    elif isinstance(obj, Mapping) and isinstance(obj.get("module"), Mapping):
+        sd = {key[DEEPSPEED_PREFIX_LEN:]: value for key, value in obj["module"].items()}
+    elif isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd = dict(obj)
+    else:
+        raise CheckpointError(f"{path}: not a model checkpoint (expected a dict with 'state_dict' or 'module')")
+    return {key.replace("framestride_embed", "fps_embedding"): value for key, value in sd.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Key conversion and strict checking
+
+
+def convert_checkpoint(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Original key names -> our state-dict names.  Unused keys are dropped; unknown keys pass through unchanged.
+
+    A state dict already in our naming (``dynamicrafter convert`` output) is returned as is.
+    """
+    if any(key.startswith(OUR_PREFIXES) for key in sd) and not any(key.startswith(COMPONENTS[0][0]) for key in sd):
+        return dict(sd)
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for _, name, _ in COMPONENTS}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key in SCHEDULE_BUFFERS:
+            continue
+        for prefix, name, _ in COMPONENTS:
+            if key.startswith(prefix):
+                parts[name][key[len(prefix) :]] = value
+                break
+        else:
+            out[key] = value
+    tower_cfg = {"text_encoder": cfg.text, "image_encoder": cfg.vision, "vae": cfg.vae}
+    for _, name, convert in COMPONENTS:
+        part = convert(parts[name], tower_cfg[name]) if convert else parts[name]
+        out.update({f"{name}.{key}": value for key, value in part.items()})
+    return out
+
+
+def identify(sd: Mapping[str, torch.Tensor]) -> str:
+    """A short guess of which model an original-layout state dict holds, for error hints."""
+    probe = "model.diffusion_model.input_blocks.0.0.weight"
+    if probe not in sd:
+        return "not a DynamiCrafter checkpoint (no model.diffusion_model.* weights)"
+    channels = sd[probe].shape[0]
+    if channels != 320:
+        return f"a custom architecture (UNet model_channels {channels}, not the released 320)"
+    if any(key.endswith("attn2.alpha") for key in sd):
+        return "the 256 model"
+    scale = sd.get("scale_arr")
+    if scale is not None and scale.device.type != "meta" and scale.numel():
+        base = float(scale[-1])
+        if abs(base - 0.3) < 1e-6:
+            return "the 1024 model"
+        if abs(base - 0.7) < 1e-6:
+            return "the 512 (or 512-interp) model"
+    return "a 512/1024 model"
+
+
+def _summarise(kind: str, keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit]) + (f", … (+{len(keys) - limit})" if len(keys) > limit else "")
+    return f"{len(keys)} {kind} ({shown})"
+
+
+def check_state_dict(
+    converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """Problems of ``converted`` against the model's ``expected`` keys and shapes (empty list: it fits)."""
+    missing = sorted(k for k in expected if k not in converted)
+    unexpected = sorted(k for k in converted if k not in expected)
+    mismatched = sorted(
+        f"{k} {tuple(converted[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in converted and converted[k].shape != expected[k].shape
+    )
+    problems = []
+    if missing:
+        problems.append(_summarise("missing keys", missing))
+    if unexpected:
+        problems.append(_summarise("unexpected keys", unexpected))
+    if mismatched:
+        problems.append(_summarise("shape mismatches", mismatched))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building
+
+
+@contextlib.contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Create every parameter on the meta device (no memory, no init cost); buffers stay real and small."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def build_skeleton(cfg: ModelConfig) -> DynamiCrafter:
+    """The model with meta parameters, ready for ``load_state_dict(..., assign=True)``."""
+    with empty_parameters():
+        model = DynamiCrafter(cfg)
+    return model.eval().requires_grad_(False)
+
+
+def build_random(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DynamiCrafter:
+    """The model with random weights from ``seed`` (smoke runs, benchmarks); identical on every machine."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DynamiCrafter(cfg)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_state(
+    model: DynamiCrafter,
+    sd: Mapping[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    source: str = "checkpoint",
+    expected_model: str | None = None,
+) -> DynamiCrafter:
+    """Strictly load an original-layout (or converted) state dict into a skeleton, casting tensor by tensor."""
+    converted = convert_checkpoint(sd, model.cfg)
+    problems = check_state_dict(converted, model.state_dict())
+    if problems:
+        looks = identify(sd)
+        want = f"the {expected_model} model" if expected_model else "the chosen configuration"
+        raise CheckpointError(f"{source} does not fit {want}: {'; '.join(problems)}. Hint: this looks like {looks}.")
+    cast = {
+        key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        for key, value in converted.items()
+    }
+    model.load_state_dict(cast, strict=True, assign=True)
+    return model.to(device=device).eval().requires_grad_(False)
+
+
+def load_model(
+    cfg: ModelConfig,
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    expected_model: str | None = None,
+) -> DynamiCrafter:
+    """Build the model for ``cfg`` and strictly load the checkpoint at ``path`` into it."""
+    sd = read_checkpoint(path)
+    return load_state(build_skeleton(cfg), sd, device, dtype, source=str(path), expected_model=expected_model)

@@ -1,0 +1,279 @@
+"""Attention blocks of the 3D UNet: the dual text/image cross-attention and the spatial/temporal transformers.
+
+Shape letters: B batch, T frames, C channels, h×w latent height×width, N a batch of sequences (B·T frames for
+spatial attention, B·h·w pixels for temporal attention), n query tokens, m key tokens, H heads, d head width,
+L context tokens, D context width (``context_dim``).
+
+Parameter names follow the original checkpoint (``to_q``, ``to_k_ip``, ``to_out.0``, ``ff.net.0.proj``, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # (N, n, H·d) -> (N, H, n, d), a view
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).flatten(2)  # (N, H, n, d) -> (N, n, H·d)
+
+
+def pointwise(layer: nn.Linear | nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply a Linear or a kernel-1 convolution to the last (channel) axis of ``x``."""
+    if isinstance(layer, nn.Linear):
+        return layer(x)
+    return F.linear(x, layer.weight.flatten(1), layer.bias)
+
+
+class RelativePosition(nn.Module):
+    """Learned embedding of the key-minus-query offset, clipped to ±``max_distance``."""
+
+    def __init__(self, dim_head: int, max_distance: int) -> None:
+        super().__init__()
+        self.max_distance = max_distance
+        self.embeddings_table = nn.Parameter(torch.empty(2 * max_distance + 1, dim_head))
+        nn.init.xavier_uniform_(self.embeddings_table)
+
+    def forward(self, n_q: int, n_k: int) -> torch.Tensor:
+        device = self.embeddings_table.device
+        offset = torch.arange(n_k, device=device)[None, :] - torch.arange(n_q, device=device)[:, None]  # (n, m)
+        return self.embeddings_table[offset.clamp(-self.max_distance, self.max_distance) + self.max_distance]
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``x`` over ``context`` (over ``x`` itself when ``context`` is None).
+
+    A given context is split at ``text_tokens``: the text part goes through ``to_k``/``to_v``. With
+    ``image_cross_attention`` the rest (image tokens) goes through ``to_k_ip``/``to_v_ip`` with the same queries and
+    ``out = Attn_text + λ·Attn_image`` (times ``tanh(alpha) + 1`` with the learnable gate) before ``to_out``; λ is
+    the plain float attribute ``image_cross_attention_scale``. Without it, the image tokens are ignored.
+    ``relative_length`` adds the relative-position terms (temporal attention only); ``causal`` in ``forward`` masks
+    keys after the query (self-attention).
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        *,
+        image_cross_attention: bool = False,
+        scale_learnable: bool = False,
+        text_tokens: int = 77,
+        relative_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads, self.dim_head, self.text_tokens = heads, dim_head, text_tokens
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # the original's to_out.1 is an inert Dropout
+        self.relative_position_k = self.relative_position_v = None
+        if relative_length is not None:
+            self.relative_position_k = RelativePosition(dim_head, relative_length)
+            self.relative_position_v = RelativePosition(dim_head, relative_length)
+        self.image_cross_attention = image_cross_attention
+        self.image_cross_attention_scale = 1.0
+        self.alpha = None
+        if image_cross_attention:
+            self.to_k_ip = nn.Linear(context_dim, inner, bias=False)
+            self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
+            if scale_learnable:
+                self.alpha = nn.Parameter(torch.zeros(()))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        """q (N, H, n, d), k and v (N, m, H·d) -> (N, H, n, d)."""
+        k, v = _split_heads(k, self.heads), _split_heads(v, self.heads)
+        if self.relative_position_k is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        n, m = q.shape[-2], k.shape[-2]
+        scale = self.dim_head**-0.5
+        sim = (q @ k.transpose(-1, -2)) * scale
+        sim = sim + torch.einsum("...id,ijd->...ij", q, self.relative_position_k(n, m)) * scale  # (N, H, n, m)
+        if causal:
+            keep = torch.ones(n, m, dtype=torch.bool, device=sim.device).tril()
+            sim = sim.masked_fill(~keep, -torch.finfo(sim.dtype).max)
+        attn = sim.softmax(dim=-1)
+        return attn @ v + torch.einsum("...ij,ijd->...id", attn, self.relative_position_v(n, m))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """x (N, n, C), context (N, L, D) or None -> (N, n, C)."""
+        q = _split_heads(self.to_q(x), self.heads)  # (N, H, n, d)
+        text = x if context is None else context[:, : self.text_tokens]
+        out = self._attend(q, self.to_k(text), self.to_v(text), causal)
+        if context is not None and self.image_cross_attention and self.image_cross_attention_scale != 0:
+            image = context[:, self.text_tokens :]
+            if image.shape[1] > 0:
+                out_image = self._attend(q, self.to_k_ip(image), self.to_v_ip(image), False)
+                out_image = self.image_cross_attention_scale * out_image
+                out = out + (out_image if self.alpha is None else out_image * (torch.tanh(self.alpha) + 1))
+        return self.to_out(_merge_heads(out))
+
+
+class GEGLU(nn.Module):
+    """``a · GELU(g)`` with ``[a, g] = proj(x)``."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward with a 4× hidden width (keys ``net.0.proj``, ``net.2``)."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))  # 1: Dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, second attention (cross- or self-), feed-forward; each residual."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int | None = None,
+        *,
+        image_cross_attention: bool = False,
+        scale_learnable: bool = False,
+        text_tokens: int = 77,
+        relative_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head, relative_length=relative_length)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(
+            dim,
+            context_dim,
+            heads,
+            dim_head,
+            image_cross_attention=image_cross_attention,
+            scale_learnable=scale_learnable,
+            text_tokens=text_tokens,
+            relative_length=relative_length,
+        )
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), causal=causal)
+        x = x + self.attn2(self.norm2(x), context, causal=causal)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Per-frame transformer over the h·w tokens of each frame, cross-attending to the per-frame context."""
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        dim_head: int,
+        depth: int = 1,
+        context_dim: int | None = None,
+        *,
+        use_linear: bool = True,
+        image_cross_attention: bool = False,
+        scale_learnable: bool = False,
+        text_tokens: int = 77,
+    ) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(
+                inner,
+                heads,
+                dim_head,
+                context_dim,
+                image_cross_attention=image_cross_attention,
+                scale_learnable=scale_learnable,
+                text_tokens=text_tokens,
+            )
+            for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x (B·T, C, h, w), context (B·T, L, D) -> (B·T, C, h, w)."""
+        h, w = x.shape[-2:]
+        y = pointwise(self.proj_in, self.norm(x).flatten(2).transpose(1, 2))  # (B·T, h·w, inner)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        return x + pointwise(self.proj_out, y).transpose(1, 2).unflatten(2, (h, w))  # (B·T, C, h, w)
+
+
+class TemporalTransformer(nn.Module):
+    """Per-pixel transformer over the T frames (both attentions are self-attentions unless ``cross_attention``).
+
+    With ``cross_attention`` (``init_attn`` when ``temporal_selfatt_only`` is false) ``attn2`` attends to the text
+    tokens of the context: pixel p of the h·w grid uses the context of frame p // (h·w / T), as in the original.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        dim_head: int,
+        depth: int = 1,
+        context_dim: int | None = None,
+        *,
+        use_linear: bool = True,
+        cross_attention: bool = False,
+        causal: bool = False,
+        relative_length: int | None = None,
+        text_tokens: int = 77,
+    ) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.cross_attention, self.causal, self.text_tokens = cross_attention, causal, text_tokens
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv1d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(
+                inner,
+                heads,
+                dim_head,
+                context_dim if cross_attention else None,
+                text_tokens=text_tokens,
+                relative_length=relative_length,
+            )
+            for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv1d(inner, channels, 1)
+
+    def _pixel_context(self, context: torch.Tensor | None, b: int, t: int, hw: int) -> torch.Tensor:
+        if context is None:
+            raise ValueError("a cross-attending TemporalTransformer needs a context")
+        if hw % t:
+            raise ValueError(f"temporal cross-attention needs h*w ({hw}) divisible by the frame count ({t})")
+        frame = torch.arange(hw, device=context.device) // (hw // t)
+        text = context[:, : self.text_tokens].unflatten(0, (b, t))  # (B, T, 77, D)
+        return text[:, frame].flatten(0, 1)  # (B·h·w, 77, D)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, T, h, w), context (B·T, L, D) (used only with ``cross_attention``) -> (B, C, T, h, w)."""
+        b, c, t, h, w = x.shape
+        y = self.norm(x).permute(0, 3, 4, 2, 1).reshape(b * h * w, t, c)  # (B·h·w, T, C)
+        y = pointwise(self.proj_in, y)
+        ctx = self._pixel_context(context, b, t, h * w) if self.cross_attention else None
+        for block in self.transformer_blocks:
+            y = block(y, ctx, causal=self.causal)
+        y = pointwise(self.proj_out, y)
+        return x + y.unflatten(0, (b, h, w)).permute(0, 4, 3, 1, 2)  # (B, C, T, h, w)

@@ -1,0 +1,272 @@
+"""Image(s) + prompt + settings -> video, top to bottom.
+
+    prepare_image -> encode_text / encode_image_context / encode_latents -> make_conditioning
+    -> sample (DDIM, guidance) -> decode_latents -> video_to_uint8
+
+Letters: B batch, T frames, H x W pixels, h x w latent (H/8 x W/8), C context width.
+Every function takes plain tensors or small dataclasses; nothing here prints (progress goes through a callback).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .models.dynamicrafter import DynamiCrafter
+from .models.encoders import vae_decode, vae_encode
+from .sampling import (
+    cfg_combine,
+    ddim_coefficients,
+    ddim_timesteps,
+    make_schedule,
+    multi_cond_combine,
+    rescale_guidance,
+    sample_ddim,
+)
+from .tokenizer import get_tokenizer
+
+MODES = ("i2v", "interp", "loop")
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What the sampler is asked to do (defaults: a preset's values; see ``Preset.sampling``)."""
+
+    steps: int = 50
+    cfg_scale: float = 7.5
+    cfg_img: float | None = None  # None: plain classifier-free guidance; a number: separate image guidance
+    eta: float = 1.0
+    fs: int | None = None  # None: the UNet's default_fs
+    guidance_rescale: float = 0.0
+    timestep_spacing: str = "uniform"
+    frames: int = 16
+
+
+@dataclass
+class Conditioning:
+    """Everything the denoiser needs that does not change across steps."""
+
+    context: torch.Tensor  # (B, 77 + n_img, C) text then image tokens
+    uncond_context: torch.Tensor  # (B, 77 + n_img, C) negative/empty text, black-image tokens
+    image_only_context: torch.Tensor  # (B, 77 + n_img, C) empty text, real image tokens (multi-condition CFG)
+    concat: torch.Tensor  # (B, 4, T, h, w) image latent(s) concatenated to the noisy latent
+    fs: torch.Tensor  # (B,) long
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _device_dtype(model: DynamiCrafter) -> tuple[torch.device, torch.dtype]:
+    p = next(model.unet.parameters())
+    return p.device, p.dtype
+
+
+@torch.no_grad()
+def encode_text(model: DynamiCrafter, prompts: Sequence[str]) -> torch.Tensor:
+    """Prompts -> text tokens (B, 77, C)."""
+    device, _ = _device_dtype(model)
+    ids = get_tokenizer()(list(prompts), context_length=model.cfg.text.context_length).to(device)
+    return model.text_encoder(ids)
+
+
+@torch.no_grad()
+def encode_image_context(model: DynamiCrafter, images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> Resampler context tokens (B, n_img, C)."""
+    _, dtype = _device_dtype(model)
+    tokens = model.image_encoder(images.to(dtype))  # (B, 257, W_clip)
+    return model.image_proj(tokens)
+
+
+@torch.no_grad()
+def encode_latents(model: DynamiCrafter, frames: torch.Tensor) -> torch.Tensor:
+    """Frames (N, 3, H, W) in [-1, 1] -> scaled posterior-mean latents (N, 4, h, w)."""
+    _, dtype = _device_dtype(model)
+    return vae_encode(model.vae, frames.to(dtype), model.cfg.diffusion.scale_factor)
+
+
+def concat_latent(start: torch.Tensor, end: torch.Tensor | None, mode: str, frames: int) -> torch.Tensor:
+    """Latents (B, 4, h, w) of the start (and end) image -> c_concat (B, 4, T, h, w).
+
+    i2v: the start latent on every frame; interp: start on frame 0, end on frame T-1, zeros between;
+    loop: like interp with the start image at both ends.
+    """
+    if mode == "i2v":
+        return start.unsqueeze(2).repeat(1, 1, frames, 1, 1)
+    if mode not in ("interp", "loop"):
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "interp" and end is None:
+        raise ValueError("interpolation needs an end image")
+    c = torch.zeros(*start.shape[:2], frames, *start.shape[2:], dtype=start.dtype, device=start.device)
+    c[:, :, 0] = start
+    c[:, :, -1] = start if mode == "loop" else end
+    return c
+
+
+@torch.no_grad()
+def make_conditioning(
+    model: DynamiCrafter,
+    start: torch.Tensor,
+    prompts: Sequence[str],
+    settings: SamplingSettings,
+    *,
+    end: torch.Tensor | None = None,
+    mode: str = "i2v",
+    negative_prompts: Sequence[str] | None = None,
+) -> Conditioning:
+    """Start (and end) images (B, 3, H, W) in [-1, 1] and B prompts -> :class:`Conditioning`.
+
+    The CLIP stream sees the start image only (also in interp/loop); the unconditional branch uses the negative
+    prompt (default empty) and the CLIP tokens of a black image, with the same concatenated latent.
+    """
+    device, _ = _device_dtype(model)
+    b = start.shape[0]
+    if len(prompts) != b:
+        raise ValueError(f"{len(prompts)} prompts for {b} images")
+    negative = list(negative_prompts) if negative_prompts is not None else [""] * b
+    start = start.to(device)
+    text = encode_text(model, [*prompts, *negative])  # (2B, 77, C)
+    image = encode_image_context(model, torch.cat([start, torch.zeros_like(start)]))  # (2B, n_img, C)
+    txt_c, txt_u = text[:b], text[b:]
+    img_c, img_u = image[:b], image[b:]
+    pictures = start if end is None or mode != "interp" else torch.cat([start, end.to(device)])
+    z = encode_latents(model, pictures)  # (B or 2B, 4, h, w)
+    z_end = z[b:] if mode == "interp" else None
+    fs = settings.fs if settings.fs is not None else model.cfg.unet.default_fs
+    return Conditioning(
+        context=torch.cat([txt_c, img_c], dim=1),
+        uncond_context=torch.cat([txt_u, img_u], dim=1),
+        image_only_context=torch.cat([txt_u, img_c], dim=1),
+        concat=concat_latent(z[:b], z_end, mode, settings.frames),
+        fs=torch.full((b,), fs, dtype=torch.long, device=device),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Denoising
+
+
+def guided_denoiser(
+    model: DynamiCrafter, cond: Conditioning, settings: SamplingSettings
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """``model_fn(x, t)`` -> guided raw UNet output (eps or v); the 1-3 guidance branches run as one UNet batch."""
+    use_cfg = settings.cfg_scale != 1.0
+    multi = use_cfg and settings.cfg_img is not None
+    contexts = [cond.context]
+    if use_cfg:
+        contexts.append(cond.uncond_context)
+    if multi:
+        contexts.append(cond.image_only_context)
+    n = len(contexts)
+    context = torch.cat(contexts)  # (n*B, L, C)
+    fs = cond.fs.repeat(n)  # (n*B,)
+
+    def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+        xin = torch.cat([x, cond.concat.to(x.dtype)], dim=1).repeat(n, 1, 1, 1, 1)  # (n*B, 8, T, h, w)
+        ts = torch.full((xin.shape[0],), t, dtype=torch.long, device=x.device)
+        outs = model.unet(xin, ts, context, fs).chunk(n)
+        if not use_cfg:
+            return outs[0]
+        if multi:
+            out = multi_cond_combine(outs[0], outs[1], outs[2], settings.cfg_scale, settings.cfg_img)
+        else:
+            out = cfg_combine(outs[0], outs[1], settings.cfg_scale)
+        if settings.guidance_rescale > 0:
+            out = rescale_guidance(out, outs[0], settings.guidance_rescale)
+        return out
+
+    return model_fn
+
+
+@torch.no_grad()
+def sample(
+    model: DynamiCrafter,
+    cond: Conditioning,
+    settings: SamplingSettings,
+    x_T: torch.Tensor,
+    noise_fn: Callable[[int, torch.Size], torch.Tensor],
+    callback: Progress | None = None,
+) -> torch.Tensor:
+    """DDIM from ``x_T`` (B, 4, T, h, w) -> final latent (B, 4, T, h, w)."""
+    diffusion = model.cfg.diffusion
+    schedule = make_schedule(diffusion)
+    timesteps = ddim_timesteps(settings.steps, settings.timestep_spacing, diffusion.timesteps)
+    coefficients = ddim_coefficients(schedule, timesteps, settings.eta)
+    return sample_ddim(
+        guided_denoiser(model, cond, settings),
+        x_T,
+        timesteps,
+        coefficients,
+        schedule=schedule,
+        parameterization=diffusion.parameterization,
+        noise_fn=noise_fn,
+        callback=callback,
+    )
+
+
+def latent_shape(model: DynamiCrafter, batch: int, frames: int, height: int, width: int) -> tuple[int, ...]:
+    down = model.cfg.vae.downscale
+    if height % (down * 8) or width % (down * 8):
+        raise ValueError(f"height and width must be multiples of {down * 8} (got {height}x{width})")
+    return (batch, model.cfg.diffusion.channels, frames, height // down, width // down)
+
+
+def seeded_noise(seed: int, shape: Sequence[int], device: torch.device, dtype: torch.dtype):
+    """x_T and a per-step noise source drawn from one CPU generator: the same seed gives the same video anywhere."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+
+    def draw(shape_: Sequence[int]) -> torch.Tensor:
+        return torch.randn(tuple(shape_), generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+    x_T = draw(shape)
+    return x_T, lambda step, shape_: draw(shape_)
+
+
+@torch.no_grad()
+def decode_latents(model: DynamiCrafter, latents: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+    """Latents (B, 4, T, h, w) -> video (B, 3, T, H, W) float, unclamped; ``chunk`` frames per VAE call."""
+    b, c, t, h, w = latents.shape
+    _, dtype = _device_dtype(model)
+    flat = latents.to(dtype).permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # (B*T, 4, h, w)
+    frames = torch.cat([vae_decode(model.vae, part, model.cfg.diffusion.scale_factor) for part in flat.split(chunk)])
+    return frames.reshape(b, t, *frames.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, 3, T, H, W)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# λ control
+
+
+def set_image_scale(model: DynamiCrafter, value: float, blocks: Iterable[int] | None = None) -> None:
+    """Set the image cross-attention scale λ on the chosen spatial-transformer indices (None: all)."""
+    model.unet.set_image_cross_attention_scale(value, blocks)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# All of it
+
+
+@torch.no_grad()
+def animate(
+    model: DynamiCrafter,
+    start: torch.Tensor,
+    prompts: Sequence[str],
+    settings: SamplingSettings,
+    seed: int,
+    *,
+    end: torch.Tensor | None = None,
+    mode: str = "i2v",
+    negative_prompts: Sequence[str] | None = None,
+    decode_chunk: int = 4,
+    callback: Progress | None = None,
+) -> torch.Tensor:
+    """Start (and end) images (B, 3, H, W) in [-1, 1] -> video (B, 3, T', H, W) in [-1, 1] (T' = T-1 for loop)."""
+    device, dtype = _device_dtype(model)
+    cond = make_conditioning(model, start, prompts, settings, end=end, mode=mode, negative_prompts=negative_prompts)
+    shape = latent_shape(model, start.shape[0], settings.frames, start.shape[2], start.shape[3])
+    x_T, noise_fn = seeded_noise(seed, shape, device, dtype)
+    latents = sample(model, cond, settings, x_T, noise_fn, callback)
+    video = decode_latents(model, latents, decode_chunk).clamp(-1.0, 1.0)
+    return video[:, :, :-1] if mode == "loop" else video
