@@ -52,6 +52,10 @@ def test_full_size_model_matches_manifest_exactly(name):
     assert sum(p.numel() for p in loaded.unet.parameters()) == 1_438_854_980 + (16 if name == "256" else 0)
     assert sum(p.numel() for p in loaded.image_proj.parameters()) == 48_787_456
     assert sum(p.numel() for p in loaded.vae.parameters()) == 83_653_863
+    assert sum(p.numel() for p in loaded.text_encoder.parameters()) == 340_387_840  # 23 of 24 blocks
+    # the vision tower keeps proj (1280x1024) and ln_post for CLIP-similarity metrics
+    assert sum(p.numel() for p in loaded.image_encoder.parameters()) == 630_763_520 + 1280 * 1024 + 2 * 1280
+    assert len(loaded.unet.spatial_attentions()) == 16
 
 
 def test_legacy_framestride_key_is_accepted():

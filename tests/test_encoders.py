@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from dynamicrafter.config import ModelConfig, from_reference
+from dynamicrafter.config import from_reference
 from dynamicrafter.models.encoders import (
     ImageEncoder,
     TextEncoder,
@@ -31,7 +31,6 @@ from dynamicrafter.models.resampler import Resampler
 torch.set_num_threads(2)
 
 FIXTURES = Path(__file__).parent / "fixtures"
-MANIFESTS = Path("/work/shared/reference")
 SCENARIOS = ["i2v_256_style", "i2v_512_style", "interp_512_style", "i2v_512_fullres"]
 # The 320x512 VAE is slow on CPU: check a subset of its (identical) frames there.
 VAE_FRAMES = {"i2v_512_fullres": [0, 15]}
@@ -218,30 +217,3 @@ def test_text_layer_last_keeps_every_block() -> None:
     assert len(text.model.encoder.layers) == last.layers
     text.load_state_dict(convert_text_state_dict(strip(checkpoint("i2v_256_style"), "cond_stage_model.model."), last),
                          strict=True, assign=True)
-
-
-def read_manifest(path: Path) -> dict[str, torch.Tensor]:
-    """A key manifest (key, shape like ``320x1024`` or ``scalar``, dtype) as meta tensors."""
-    out = {}
-    for line in path.read_text().splitlines()[1:]:
-        key, shape, _ = line.split("\t")
-        size = () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))
-        out[key] = torch.empty(size, device="meta")
-    return out
-
-
-@pytest.mark.parametrize("resolution", ["256", "512", "1024"])
-def test_full_size_conversion_strict_loads(resolution: str) -> None:
-    cfg = ModelConfig()
-    sd = read_manifest(MANIFESTS / f"keys_{resolution}.tsv")
-    with torch.device("meta"):
-        text, image, resampler, vae = (
-            TextEncoder(cfg.text), ImageEncoder(cfg.vision), Resampler(cfg.resampler), build_vae(cfg.vae)
-        )
-    text.load_state_dict(convert_text_state_dict(strip(sd, "cond_stage_model.model."), cfg.text), assign=True)
-    image.load_state_dict(convert_vision_state_dict(strip(sd, "embedder.model."), cfg.vision), assign=True)
-    resampler.load_state_dict(strip(sd, "image_proj_model."), assign=True)
-    vae.load_state_dict(convert_vae_state_dict(strip(sd, "first_stage_model."), cfg.vae), assign=True)
-    counts = [sum(p.numel() for p in m.parameters()) for m in (text, image, resampler, vae)]
-    # spec section 3: used values; the vision count adds proj (1280x1024) and ln_post (2x1280) kept for ``embed``
-    assert counts == [340_387_840, 630_763_520 + 1280 * 1024 + 2 * 1280, 48_787_456, 83_653_863]

@@ -24,7 +24,6 @@ from .images import load_image, prepare_image
 from .models.encoders import clip_preprocess
 from .pipeline import (
     SamplingSettings,
-    concat_latent,
     decode_latents,
     encode_image_context,
     encode_latents,
