@@ -1,9 +1,15 @@
 """Image(s) + prompt + settings -> video, top to bottom.
 
     prepare_image -> encode_text / encode_image_context / encode_latents -> make_conditioning
-    -> sample (DDIM, guidance) -> decode_latents -> video_to_uint8
+    -> sample (DDIM, guidance; overlapping windows for long videos) -> decode_latents -> video_to_uint8
 
-Letters: B batch, T frames, H x W pixels, h x w latent (H/8 x W/8), C context width.
+Letters: B batch, T frames, H x W pixels, h x w latent (H/8 x W/8), C context width, W_n frames per window,
+N windows.
+
+Frame counts: any T works.  T <= ``settings.window`` (default 16) runs as one video; the UNet then applies the
+77 + 16·T context rule, which matches the Resampler's 256 image tokens only at T = 16 (each frame gets its own 16
+tokens); at other T every frame attends to all 256 image tokens, exactly as the original code does.  Longer videos
+are denoised as overlapping 16-frame windows fused at every step (see :mod:`dynamicrafter.long_video`).
 Every function takes plain tensors or small dataclasses; nothing here prints (progress goes through a callback).
 """
 
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .long_video import blend_weights, fuse_windows, noise_index, split_windows, spread_frames, window_starts
 from .models.dynamicrafter import DynamiCrafter
 from .models.encoders import vae_decode, vae_encode
 from .sampling import (
@@ -43,6 +50,8 @@ class SamplingSettings:
     guidance_rescale: float = 0.0
     timestep_spacing: str = "uniform"
     frames: int = 16
+    window: int = 16  # longer videos are denoised as overlapping windows of this many frames ...
+    stride: int = 8  # ... starting this many frames apart (half-window overlap: every frame seen twice)
 
 
 @dataclass
@@ -92,7 +101,10 @@ def concat_latent(start: torch.Tensor, end: torch.Tensor | None, mode: str, fram
     """Latents (B, 4, h, w) of the start (and end) image -> c_concat (B, 4, T, h, w).
 
     i2v: the start latent on every frame; interp: start on frame 0, end on frame T-1, zeros between;
-    loop: like interp with the start image at both ends.
+    loop: like interp with the start image at both ends.  For a long (windowed) video T is the whole length: the
+    first window sees the start latent on its first frame, the last window the end latent on its last frame, and
+    windows in between see only zeros, the model's "frame to be generated" marker, so that all windows share one
+    timeline instead of each interpolating start -> end on its own.
     """
     if mode == "i2v":
         return start.unsqueeze(2).repeat(1, 1, frames, 1, 1)
@@ -181,6 +193,46 @@ def guided_denoiser(
     return model_fn
 
 
+def _window_conditioning(cond: Conditioning, starts: Sequence[int], window: int) -> Conditioning:
+    """The conditioning of N windows batched window-major: concat cropped per window, the rest repeated."""
+    n = len(starts)
+    return Conditioning(
+        context=cond.context.repeat(n, 1, 1),  # (N*B, L, C)
+        uncond_context=cond.uncond_context.repeat(n, 1, 1),
+        image_only_context=cond.image_only_context.repeat(n, 1, 1),
+        concat=split_windows(cond.concat, starts, window),  # (N*B, 4, W_n, h, w)
+        fs=cond.fs.repeat(n),
+    )
+
+
+def windowed_denoiser(
+    model: DynamiCrafter, cond: Conditioning, settings: SamplingSettings, window_batch: int | None = None
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """``model_fn(x, t)`` for a long latent (B, 4, T, h, w): every window is an ordinary guided call, fused.
+
+    Windows of ``settings.window`` frames start every ``settings.stride`` frames; ``window_batch`` windows (None:
+    all) go through the UNet as one batch.  The guided outputs are averaged with the tapering weights of
+    :func:`~dynamicrafter.long_video.blend_weights`.  Fusing the model output is the same as fusing each window's
+    DDIM update, because the update is linear in it.  One window covering all T frames gives exactly the plain
+    :func:`guided_denoiser` result.
+    """
+    frames = cond.concat.shape[2]
+    starts = window_starts(frames, settings.window, settings.stride)
+    window = min(settings.window, frames)
+    weights = blend_weights(frames, window, starts).to(cond.concat.device)
+    if window_batch is not None and window_batch < 1:
+        raise ValueError(f"window_batch must be at least 1, got {window_batch}")
+    size = window_batch or len(starts)
+    groups = [starts[i : i + size] for i in range(0, len(starts), size)]
+    denoisers = [guided_denoiser(model, _window_conditioning(cond, g, window), settings) for g in groups]
+
+    def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+        outs = [fn(split_windows(x, g, window), t) for g, fn in zip(groups, denoisers)]
+        return fuse_windows(torch.cat(outs), starts, weights, frames)  # (B, 4, T, h, w)
+
+    return model_fn
+
+
 @torch.no_grad()
 def sample(
     model: DynamiCrafter,
@@ -189,14 +241,26 @@ def sample(
     x_T: torch.Tensor,
     noise_fn: Callable[[int, torch.Size], torch.Tensor],
     callback: Progress | None = None,
+    *,
+    windowed: bool | None = None,
+    window_batch: int | None = None,
 ) -> torch.Tensor:
-    """DDIM from ``x_T`` (B, 4, T, h, w) -> final latent (B, 4, T, h, w)."""
+    """DDIM from ``x_T`` (B, 4, T, h, w) -> final latent (B, 4, T, h, w).
+
+    ``windowed`` None: plain when T <= ``settings.window``, overlapping windows otherwise (True/False force it).
+    """
+    if windowed is None:
+        windowed = x_T.shape[2] > settings.window
+    if windowed:
+        model_fn = windowed_denoiser(model, cond, settings, window_batch)
+    else:
+        model_fn = guided_denoiser(model, cond, settings)
     diffusion = model.cfg.diffusion
     schedule = make_schedule(diffusion)
     timesteps = ddim_timesteps(settings.steps, settings.timestep_spacing, diffusion.timesteps)
     coefficients = ddim_coefficients(schedule, timesteps, settings.eta)
     return sample_ddim(
-        guided_denoiser(model, cond, settings),
+        model_fn,
         x_T,
         timesteps,
         coefficients,
@@ -214,15 +278,39 @@ def latent_shape(model: DynamiCrafter, batch: int, frames: int, height: int, wid
     return (batch, model.cfg.diffusion.channels, frames, height // down, width // down)
 
 
-def seeded_noise(seed: int, shape: Sequence[int], device: torch.device, dtype: torch.dtype):
-    """x_T and a per-step noise source drawn from one CPU generator: the same seed gives the same video anywhere."""
-    generator = torch.Generator("cpu").manual_seed(seed)
+def seeded_noise(
+    seeds: Sequence[int],
+    shape: Sequence[int],
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    window: int | None = None,
+    stride: int | None = None,
+):
+    """x_T and a per-step noise source, sample b drawn from its own CPU generator seeded with ``seeds[b]``.
+
+    A seed therefore gives the same video on any device and in any batch composition.  With ``window`` < T (long
+    videos) every draw is ``window`` frames long and spread over the T frames by the sample's FreeNoise map
+    (:func:`~dynamicrafter.long_video.noise_index` with ``stride``, from a second generator seeded with the same
+    seed); the same map serves x_T and every step's noise, and the first window's noise is the plain draw.
+    """
+    if len(seeds) != shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}")
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
     def draw(shape_: Sequence[int]) -> torch.Tensor:
-        return torch.randn(tuple(shape_), generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+        parts = [torch.randn((1, *shape_[1:]), generator=g, dtype=torch.float32) for g in generators]
+        return torch.cat(parts).to(device=device, dtype=dtype)
 
-    x_T = draw(shape)
-    return x_T, lambda step, shape_: draw(shape_)
+    frames = shape[2]
+    if window is None or window >= frames:
+        return draw(shape), lambda step, shape_: draw(shape_)
+    if stride is None:
+        raise ValueError("seeded_noise: a window needs a stride")
+    maps = [noise_index(frames, window, stride, torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    index = torch.stack(maps)  # (B, T)
+    window_shape = (*shape[:2], window, *shape[3:])  # (B, 4, W_n, h, w)
+    return spread_frames(draw(window_shape), index), lambda step, shape_: spread_frames(draw(window_shape), index)
 
 
 @torch.no_grad()
@@ -254,19 +342,26 @@ def animate(
     start: torch.Tensor,
     prompts: Sequence[str],
     settings: SamplingSettings,
-    seed: int,
+    seeds: Sequence[int],
     *,
     end: torch.Tensor | None = None,
     mode: str = "i2v",
     negative_prompts: Sequence[str] | None = None,
     decode_chunk: int = 4,
+    window_batch: int | None = None,
     callback: Progress | None = None,
 ) -> torch.Tensor:
-    """Start (and end) images (B, 3, H, W) in [-1, 1] -> video (B, 3, T', H, W) in [-1, 1] (T' = T-1 for loop)."""
+    """Start (and end) images (B, 3, H, W) in [-1, 1], B prompts and B seeds -> video (B, 3, T', H, W) in [-1, 1].
+
+    Any ``settings.frames``: up to ``settings.window`` one plain run, beyond it overlapping windows fused at every
+    step with FreeNoise noise re-use (``window_batch`` windows per UNet batch; None: all).  T' = T - 1 for loop
+    (the last frame equals the first).
+    """
     device, dtype = _device_dtype(model)
+    window_starts(settings.frames, settings.window, settings.stride)  # refuse bad windows before any work
     cond = make_conditioning(model, start, prompts, settings, end=end, mode=mode, negative_prompts=negative_prompts)
     shape = latent_shape(model, start.shape[0], settings.frames, start.shape[2], start.shape[3])
-    x_T, noise_fn = seeded_noise(seed, shape, device, dtype)
-    latents = sample(model, cond, settings, x_T, noise_fn, callback)
+    x_T, noise_fn = seeded_noise(seeds, shape, device, dtype, window=settings.window, stride=settings.stride)
+    latents = sample(model, cond, settings, x_T, noise_fn, callback, window_batch=window_batch)
     video = decode_latents(model, latents, decode_chunk).clamp(-1.0, 1.0)
     return video[:, :, :-1] if mode == "loop" else video

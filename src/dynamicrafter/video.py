@@ -41,18 +41,23 @@ def format_for(path: Path) -> str:
     raise OutputError(f"unsupported output type '.{suffix}' (use .mp4, .gif, .webp, or a folder for PNG frames)")
 
 
+def ensure_writable_dir(folder: Path) -> Path:
+    """Create ``folder`` if needed; raise OutputError when it cannot be created or written."""
+    folder = Path(folder) if str(folder) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from exc
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"output folder is not writable: {folder}")
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``final`` (same suffix); on success rename it to ``final``, else remove it."""
     final = Path(final)
-    parent = final.parent if str(final.parent) else Path(".")
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create output folder {parent}: {exc.strerror or exc}") from exc
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output folder is not writable: {parent}")
+    parent = ensure_writable_dir(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
     target = tmp if is_dir else tmp / f"out{final.suffix}"
     try:

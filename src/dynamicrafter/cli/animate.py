@@ -1,0 +1,123 @@
+"""``dynamicrafter animate IMAGE PROMPT``: one photo (and optional end image) to a video plus a JSON sidecar."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import UsageError, app, console, handle_errors
+from .common import (
+    CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, FpsOpt, FsOpt, JsonOpt, LambdaOpt,
+    ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path, check_prompt,
+    load_for, make_record, progress_bar, resolve_device, sampling_settings, sidecar_path, timed,
+)
+
+
+def output_paths(image: Path, out: Path | None, fmt: str | None, samples: int) -> tuple[list[Path], str]:
+    """Final output paths (one per sample) and the format; refuses unknown formats."""
+    from ..video import FORMATS, format_for
+
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if out is None:
+        out = Path(image.stem if fmt == "png" else f"{image.stem}.{fmt or 'mp4'}")
+    fmt = fmt or format_for(out)
+    if samples == 1:
+        return [out], fmt
+    return [out.with_name(f"{out.stem}_sample{i}{out.suffix}") for i in range(samples)], fmt
+
+
+@app.command()
+@handle_errors
+def animate(
+    image: Annotated[Path, typer.Argument(help="The photo to animate (the start frame).", show_default=False)],
+    prompt: Annotated[str, typer.Argument(help="What should happen in the video.", show_default=False)],
+    model: ModelOpt = "512",
+    checkpoint: CheckpointOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (.mp4/.gif/.webp) or folder (PNG frames); default: IMAGE's name.")] = None,
+    fmt: FormatOpt = None,
+    end_image: Annotated[Optional[Path], typer.Option("--end-image", help="End frame: interpolate from IMAGE to it (use the 512-interp model).")] = None,
+    loop: Annotated[bool, typer.Option("--loop", help="Make a seamless loop (use the 512-interp model).")] = False,
+    steps: StepsOpt = None,
+    cfg: CfgOpt = None,
+    cfg_img: CfgImgOpt = None,
+    eta: EtaOpt = None,
+    seed: SeedOpt = 123,
+    fs: FsOpt = None,
+    frames: Annotated[Optional[int], typer.Option(help="Frames to generate (default: the preset's 16).")] = None,
+    fps: FpsOpt = None,
+    negative_prompt: NegativeOpt = "",
+    image_scale: LambdaOpt = None,
+    samples: Annotated[int, typer.Option(help="Videos to make from different seeds (seed, seed+1, ...).")] = 1,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Animate IMAGE following PROMPT; writes the video and a JSON sidecar with every setting."""
+    from ..images import load_image, prepare_image
+    from ..pipeline import animate as run_animate, set_image_scale
+    from ..presets import get_preset
+    from ..video import video_to_uint8, write_frames, write_sidecar
+
+    # 1. Validate every input before the model loads.
+    preset = get_preset(model)
+    picture = load_image(image)
+    end_picture = load_image(end_image) if end_image is not None else None
+    if loop and end_image is not None:
+        raise UsageError("--loop and --end-image exclude each other")
+    mode = "loop" if loop else ("interp" if end_image is not None else "i2v")
+    check_prompt(prompt)
+    if samples < 1:
+        raise UsageError(f"--samples must be at least 1 (got {samples})")
+    outputs, fmt = output_paths(image, out, fmt, samples)
+    existing = [p for p in outputs if p.exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{existing[0]} exists; pass --overwrite to replace it")
+    check_checkpoint_path(checkpoint)
+    torch_device, torch_dtype = resolve_device(device, dtype)
+    settings = sampling_settings(preset, steps, cfg, cfg_img, eta, fs, frames)
+    start = prepare_image(picture, preset.height, preset.width)
+    end = prepare_image(end_picture, preset.height, preset.width) if end_picture is not None else None
+    if verbose and not quiet:
+        console.print(f"model {preset.name} on {torch_device} ({torch_dtype}), mode {mode}, {settings}")
+
+    # 2. Load, generate, write.
+    timings: dict[str, float] = {}
+    with timed(timings, "load_s"):
+        net = load_for(preset, checkpoint, torch_device, torch_dtype, quiet=quiet)
+    if image_scale is not None:
+        set_image_scale(net, image_scale)
+    seeds = [seed + i for i in range(samples)]
+    with timed(timings, "generate_s"), progress_bar(quiet) as progress:
+        task = progress.add_task("denoising", total=None)
+        video = run_animate(
+            net, start.repeat(samples, 1, 1, 1), [prompt] * samples, settings, seeds,
+            end=None if end is None else end.repeat(samples, 1, 1, 1), mode=mode,
+            negative_prompts=[negative_prompt] * samples,
+            callback=lambda i, total: progress.update(task, completed=i + 1, total=total),
+        )
+    summary = []
+    for path, sample_seed, clip in zip(outputs, seeds, video):
+        frames_u8 = video_to_uint8(clip)
+        written = write_frames(frames_u8, path, fps or preset.fps, fmt)
+        record = make_record(
+            image=image, prompt=prompt, negative_prompt=negative_prompt, preset=preset, checkpoint=checkpoint,
+            seed=sample_seed, settings=settings, image_scale=image_scale, fps=fps or preset.fps,
+            device=torch_device, dtype=torch_dtype, output=written, frames=frames_u8, timings=timings,
+            mode=mode, end_image=str(end_image) if end_image else None,
+        )
+        sidecar = write_sidecar(sidecar_path(written), record)
+        summary.append({**record, "sidecar": str(sidecar)})
+        if not quiet and not as_json:
+            console.print(f"[green]wrote[/] {written} ({frames_u8.shape[0]} frames) and {sidecar}", markup=True)
+    if verbose and not quiet:
+        console.print(f"load {timings['load_s']:.1f} s, generate {timings['generate_s']:.1f} s")
+    if as_json:
+        sys.stdout.write(json.dumps(summary[0] if samples == 1 else summary) + "\n")

@@ -1,0 +1,99 @@
+"""The Typer app, the shared console, and the error table that turns exceptions into one-line messages.
+
+Commands validate their inputs before any model loads, then call library functions; every expected failure
+becomes one red line on stderr and a non-zero exit code (``dynamicrafter --debug ...`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+
+from .. import __version__
+from ..checkpoint import CheckpointError
+from ..images import ImageError
+from ..presets import UnknownModelError
+from ..video import OutputError
+
+app = typer.Typer(
+    name="dynamicrafter",
+    help="Animate a still photo into a short video with DynamiCrafter.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+state = {"debug": False}
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(ValueError):
+    """A bad option value or combination."""
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A preset whose weights are not on this machine."""
+
+
+# Exception type -> exit code; anything else is a bug and keeps its traceback.
+ERRORS: dict[type[BaseException], int] = {
+    UsageError: EXIT_USAGE,
+    UnknownModelError: EXIT_USAGE,
+    ImageError: EXIT_FAILED,
+    CheckpointError: EXIT_FAILED,
+    MissingWeightsError: EXIT_FAILED,
+    OutputError: EXIT_FAILED,
+    FileNotFoundError: EXIT_FAILED,
+    ValueError: EXIT_FAILED,
+}
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", markup=True)
+    return typer.Exit(code)
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def handle_errors(command: F) -> F:
+    """Map known exceptions to a one-line error and exit code; Ctrl-C to exit 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            raise fail("interrupted; no partial output was left behind", EXIT_INTERRUPTED) from None
+        except tuple(ERRORS) as exc:
+            if state["debug"]:
+                raise
+            code = next(c for t, c in ERRORS.items() if isinstance(exc, t))
+            raise fail(str(exc), code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dynamicrafter {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """Animate a still photo into a short video with DynamiCrafter."""
+    state["debug"] = debug
