@@ -64,7 +64,7 @@ def animate(
     from ..images import load_image, prepare_image
     from ..pipeline import animate as run_animate, set_image_scale
     from ..presets import get_preset
-    from ..video import video_to_uint8, write_frames, write_sidecar
+    from ..video import ensure_writable_dir, video_to_uint8, write_frames, write_sidecar
 
     # 1. Validate every input before the model loads.
     preset = get_preset(model)
@@ -80,6 +80,7 @@ def animate(
     existing = [p for p in outputs if p.exists()]
     if existing and not overwrite:
         raise UsageError(f"{existing[0]} exists; pass --overwrite to replace it")
+    ensure_writable_dir(outputs[0].parent)
     check_checkpoint_path(checkpoint)
     torch_device, torch_dtype = resolve_device(device, dtype)
     settings = sampling_settings(preset, steps, cfg, cfg_img, eta, fs, frames)

@@ -13,7 +13,7 @@ import typer
 from .. import __version__
 from ..pipeline import SamplingSettings
 from ..presets import Preset
-from .app import MissingWeightsError, UsageError, console
+from .app import UsageError, console
 
 # Option aliases shared by animate, batch and lambda-sweep.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model preset (see `dynamicrafter models`).")]

@@ -2,16 +2,24 @@
 
 Shape letters: B batch, T frames, C channels, h×w latent height×width, N a batch of sequences (B·T frames for
 spatial attention, B·h·w pixels for temporal attention), n query tokens, m key tokens, H heads, d head width,
-L context tokens, D context width (``context_dim``).
+L context tokens, D context width (``context_dim``), G key sets: the N query sequences form G equal runs that
+share one key/value set (G = B for the text tokens, which every frame and pixel of a sample shares; G = B·T for
+per-frame image tokens).  Shared keys are therefore projected once and attended by one long query sequence
+instead of being repeated per frame.
 
 Parameter names follow the original checkpoint (``to_q``, ``to_k_ip``, ``to_out.0``, ``ff.net.0.proj``, ...).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Projected context of one cross-attention layer: text keys, text values (G, m, H·d), image keys and values or None.
+ContextKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -20,6 +28,23 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)  # (N, H, n, d) -> (N, n, H·d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
+    """q (N, n, H·d) over k, v (G, m, H·d) -> (N, n, H·d); query sequences g·N/G … (g+1)·N/G − 1 use key set g.
+
+    Each run of N/G query sequences is attended as one sequence of N/G·n queries (attention is independent per
+    query row), so the result equals attending every sequence to its own copy of the keys.
+    """
+    n_seq, n, width = q.shape
+    groups = k.shape[0]
+    if n_seq % groups or (causal and groups != n_seq):
+        raise ValueError(f"{n_seq} query sequences cannot share {groups} key sets{' causally' if causal else ''}")
+    q = q.reshape(groups, -1, width)  # (G, N/G·n, H·d)
+    out = F.scaled_dot_product_attention(
+        _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads), is_causal=causal
+    )  # (G, H, N/G·n, d)
+    return _merge_heads(out).reshape(n_seq, n, width)  # (N, n, H·d)
 
 
 def pointwise(layer: nn.Linear | nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -45,14 +70,14 @@ class RelativePosition(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of ``x`` over ``context`` (over ``x`` itself when ``context`` is None).
+    """Multi-head attention of ``x`` over a projected context (over ``x`` itself when none is given).
 
-    A given context is split at ``text_tokens``: the text part goes through ``to_k``/``to_v``. With
-    ``image_cross_attention`` the rest (image tokens) goes through ``to_k_ip``/``to_v_ip`` with the same queries and
-    ``out = Attn_text + λ·Attn_image`` (times ``tanh(alpha) + 1`` with the learnable gate) before ``to_out``; λ is
-    the plain float attribute ``image_cross_attention_scale``. Without it, the image tokens are ignored.
-    ``relative_length`` adds the relative-position terms (temporal attention only); ``causal`` in ``forward`` masks
-    keys after the query (self-attention).
+    The context is projected once per run by :meth:`project`: the text tokens through ``to_k``/``to_v`` and, with
+    ``image_cross_attention``, the image tokens through ``to_k_ip``/``to_v_ip``; then
+    ``out = Attn_text + λ·Attn_image`` (times ``tanh(alpha) + 1`` with the learnable gate) before ``to_out``, λ being
+    the plain float attribute ``image_cross_attention_scale``.  Without image cross-attention the image tokens are
+    ignored.  ``relative_length`` adds the relative-position terms (temporal attention only); ``causal`` in
+    ``forward`` masks keys after the query (self-attention).
     """
 
     def __init__(
@@ -64,13 +89,12 @@ class CrossAttention(nn.Module):
         *,
         image_cross_attention: bool = False,
         scale_learnable: bool = False,
-        text_tokens: int = 77,
         relative_length: int | None = None,
     ) -> None:
         super().__init__()
         inner = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
-        self.heads, self.dim_head, self.text_tokens = heads, dim_head, text_tokens
+        self.heads, self.dim_head = heads, dim_head
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
@@ -88,11 +112,24 @@ class CrossAttention(nn.Module):
             if scale_learnable:
                 self.alpha = nn.Parameter(torch.zeros(()))
 
+    def context_weights(self) -> list[torch.Tensor]:
+        """The weights :meth:`project` reads."""
+        layers = [self.to_k, self.to_v] + ([self.to_k_ip, self.to_v_ip] if self.image_cross_attention else [])
+        return [layer.weight for layer in layers]
+
+    def project(self, text: torch.Tensor, image: torch.Tensor | None) -> ContextKV:
+        """Text tokens (G, Lt, D) and image tokens (G', Li, D) or None -> keys and values (G or G', m, H·d)."""
+        if not self.image_cross_attention or image is None:
+            return self.to_k(text), self.to_v(text), None, None
+        return self.to_k(text), self.to_v(text), self.to_k_ip(image), self.to_v_ip(image)
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-        """q (N, H, n, d), k and v (N, m, H·d) -> (N, H, n, d)."""
-        k, v = _split_heads(k, self.heads), _split_heads(v, self.heads)
+        """q (N, n, H·d), k and v (G, m, H·d) -> (N, n, H·d)."""
         if self.relative_position_k is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return attend(q, k, v, self.heads, causal)
+        if k.shape[0] != q.shape[0]:  # the offsets are per sequence: give every sequence its keys
+            k, v = (t.repeat_interleave(q.shape[0] // k.shape[0], dim=0) for t in (k, v))
+        q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))  # (N, H, *, d)
         n, m = q.shape[-2], k.shape[-2]
         scale = self.dim_head**-0.5
         sim = (q @ k.transpose(-1, -2)) * scale
@@ -101,20 +138,24 @@ class CrossAttention(nn.Module):
             keep = torch.ones(n, m, dtype=torch.bool, device=sim.device).tril()
             sim = sim.masked_fill(~keep, -torch.finfo(sim.dtype).max)
         attn = sim.softmax(dim=-1)
-        return attn @ v + torch.einsum("...ij,ijd->...id", attn, self.relative_position_v(n, m))
+        out = attn @ v + torch.einsum("...ij,ijd->...id", attn, self.relative_position_v(n, m))
+        return _merge_heads(out)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        """x (N, n, C), context (N, L, D) or None -> (N, n, C)."""
-        q = _split_heads(self.to_q(x), self.heads)  # (N, H, n, d)
-        text = x if context is None else context[:, : self.text_tokens]
-        out = self._attend(q, self.to_k(text), self.to_v(text), causal)
-        if context is not None and self.image_cross_attention and self.image_cross_attention_scale != 0:
-            image = context[:, self.text_tokens :]
-            if image.shape[1] > 0:
-                out_image = self._attend(q, self.to_k_ip(image), self.to_v_ip(image), False)
-                out_image = self.image_cross_attention_scale * out_image
-                out = out + (out_image if self.alpha is None else out_image * (torch.tanh(self.alpha) + 1))
-        return self.to_out(_merge_heads(out))
+    def forward(self, x: torch.Tensor, context: ContextKV | None = None, causal: bool = False) -> torch.Tensor:
+        """x (N, n, C), the projected context (see :meth:`project`) or None -> (N, n, C)."""
+        q = self.to_q(x)  # (N, n, H·d)
+        if context is None:
+            return self.to_out(self._attend(q, self.to_k(x), self.to_v(x), causal))
+        k, v, k_image, v_image = context
+        out = self._attend(q, k, v, causal)
+        if k_image is not None and k_image.shape[1] > 0 and self.image_cross_attention_scale != 0:
+            out_image = self.image_cross_attention_scale * self._attend(q, k_image, v_image, False)
+            out = out + (out_image if self.alpha is None else out_image * (torch.tanh(self.alpha) + 1))
+        return self.to_out(out)
+
+
+# The projected context of every context-attending layer of a network.
+ContextKVs = Mapping[CrossAttention, ContextKV]
 
 
 class GEGLU(nn.Module):
@@ -152,7 +193,6 @@ class BasicTransformerBlock(nn.Module):
         *,
         image_cross_attention: bool = False,
         scale_learnable: bool = False,
-        text_tokens: int = 77,
         relative_length: int | None = None,
     ) -> None:
         super().__init__()
@@ -165,19 +205,22 @@ class BasicTransformerBlock(nn.Module):
             dim_head,
             image_cross_attention=image_cross_attention,
             scale_learnable=scale_learnable,
-            text_tokens=text_tokens,
             relative_length=relative_length,
         )
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: ContextKVs | None = None, causal: bool = False) -> torch.Tensor:
+        """x (N, n, C); ``context`` None makes ``attn2`` a second self-attention (causal masks only those)."""
         x = x + self.attn1(self.norm1(x), causal=causal)
-        x = x + self.attn2(self.norm2(x), context, causal=causal)
+        if context is None:
+            x = x + self.attn2(self.norm2(x), causal=causal)
+        else:
+            x = x + self.attn2(self.norm2(x), context[self.attn2])
         return x + self.ff(self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):
-    """Per-frame transformer over the h·w tokens of each frame, cross-attending to the per-frame context."""
+    """Per-frame transformer over the h·w tokens of each frame, cross-attending to the context."""
 
     def __init__(
         self,
@@ -190,7 +233,6 @@ class SpatialTransformer(nn.Module):
         use_linear: bool = True,
         image_cross_attention: bool = False,
         scale_learnable: bool = False,
-        text_tokens: int = 77,
     ) -> None:
         super().__init__()
         inner = heads * dim_head
@@ -204,14 +246,16 @@ class SpatialTransformer(nn.Module):
                 context_dim,
                 image_cross_attention=image_cross_attention,
                 scale_learnable=scale_learnable,
-                text_tokens=text_tokens,
             )
             for _ in range(depth)
         )
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x (B·T, C, h, w), context (B·T, L, D) -> (B·T, C, h, w)."""
+    def context_attentions(self) -> list[CrossAttention]:
+        return [block.attn2 for block in self.transformer_blocks]
+
+    def forward(self, x: torch.Tensor, context: ContextKVs) -> torch.Tensor:
+        """x (B·T, C, h, w) and the projected context (text G = B, image G = B·T or B) -> (B·T, C, h, w)."""
         h, w = x.shape[-2:]
         y = pointwise(self.proj_in, self.norm(x).flatten(2).transpose(1, 2))  # (B·T, h·w, inner)
         for block in self.transformer_blocks:
@@ -223,7 +267,8 @@ class TemporalTransformer(nn.Module):
     """Per-pixel transformer over the T frames (both attentions are self-attentions unless ``cross_attention``).
 
     With ``cross_attention`` (``init_attn`` when ``temporal_selfatt_only`` is false) ``attn2`` attends to the text
-    tokens of the context: pixel p of the h·w grid uses the context of frame p // (h·w / T), as in the original.
+    tokens of the context; the original hands pixel p the text of frame p // (h·w / T), which is the same text for
+    every frame of a sample, so every pixel of sample b attends to sample b's text.
     """
 
     def __init__(
@@ -238,42 +283,29 @@ class TemporalTransformer(nn.Module):
         cross_attention: bool = False,
         causal: bool = False,
         relative_length: int | None = None,
-        text_tokens: int = 77,
     ) -> None:
         super().__init__()
         inner = heads * dim_head
-        self.cross_attention, self.causal, self.text_tokens = cross_attention, causal, text_tokens
+        self.cross_attention, self.causal = cross_attention, causal
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv1d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(
-                inner,
-                heads,
-                dim_head,
-                context_dim if cross_attention else None,
-                text_tokens=text_tokens,
-                relative_length=relative_length,
+                inner, heads, dim_head, context_dim if cross_attention else None, relative_length=relative_length
             )
             for _ in range(depth)
         )
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv1d(inner, channels, 1)
 
-    def _pixel_context(self, context: torch.Tensor | None, b: int, t: int, hw: int) -> torch.Tensor:
-        if context is None:
-            raise ValueError("a cross-attending TemporalTransformer needs a context")
-        if hw % t:
-            raise ValueError(f"temporal cross-attention needs h*w ({hw}) divisible by the frame count ({t})")
-        frame = torch.arange(hw, device=context.device) // (hw // t)
-        text = context[:, : self.text_tokens].unflatten(0, (b, t))  # (B, T, 77, D)
-        return text[:, frame].flatten(0, 1)  # (B·h·w, 77, D)
+    def context_attentions(self) -> list[CrossAttention]:
+        return [block.attn2 for block in self.transformer_blocks] if self.cross_attention else []
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, T, h, w), context (B·T, L, D) (used only with ``cross_attention``) -> (B, C, T, h, w)."""
+    def forward(self, x: torch.Tensor, context: ContextKVs | None = None) -> torch.Tensor:
+        """x (B, C, T, h, w) and the projected context (used only with ``cross_attention``) -> (B, C, T, h, w)."""
         b, c, t, h, w = x.shape
         y = self.norm(x).permute(0, 3, 4, 2, 1).reshape(b * h * w, t, c)  # (B·h·w, T, C)
         y = pointwise(self.proj_in, y)
-        ctx = self._pixel_context(context, b, t, h * w) if self.cross_attention else None
         for block in self.transformer_blocks:
-            y = block(y, ctx, causal=self.causal)
+            y = block(y, context if self.cross_attention else None, causal=self.causal)
         y = pointwise(self.proj_out, y)
         return x + y.unflatten(0, (b, h, w)).permute(0, 4, 3, 1, 2)  # (B, C, T, h, w)
