@@ -267,21 +267,22 @@ def test_download_offline_and_builtin(monkeypatch):
 
 
 def test_convert_roundtrip(tmp_path):
-    from dynamicrafter.checkpoint import read_checkpoint
-
-    # a tiny checkpoint in the original format with the tiny preset's architecture
+    """convert keeps exactly the inference weights, in fp16, and the loader takes the result."""
     import torch
 
-    from dynamicrafter.checkpoint import build_random
+    from dynamicrafter.checkpoint import load_model, read_checkpoint
     from dynamicrafter.presets import get_preset
 
+    ckpt = FIXTURES / "tiny_512_2345.ckpt"  # the tiny preset's architecture, in the original format
     out = tmp_path / "tiny.safetensors"
-    ckpt = FIXTURES / "tiny_512_2345.ckpt"
-    result = run("convert", ckpt, "--out", out, "--model", "tiny", "--dtype", "fp16")
-    # the fixture checkpoint is the tiny architecture with a different CLIP layout? it must either fit or say why
-    if result.exit_code == 0:
-        sd = read_checkpoint(out)
-        assert all(v.dtype in (torch.float16, torch.int64) for v in sd.values())
-    else:
-        one_line_error(result, 1, "does not fit the tiny model")
-    del build_random, get_preset
+    result = run("convert", ckpt, "--out", out, "--model", "tiny", "--dtype", "fp16", "--json")
+    assert result.exit_code == 0, result.output
+    cfg = get_preset("tiny").model_config()
+    reference = load_model(cfg, ckpt).state_dict()
+    converted = read_checkpoint(out)
+    assert set(converted) == set(reference)  # unused keys (schedule buffers, CLIP leftovers) are gone
+    assert all(v.dtype == torch.float16 for v in converted.values() if v.is_floating_point())
+    loaded = load_model(cfg, out).state_dict()
+    assert all(torch.equal(loaded[k], reference[k].half().float()) for k in reference)
+    one_line_error(run("convert", ckpt, "--out", out, "--model", "tiny"), 2, "--overwrite")
+    one_line_error(run("convert", ckpt, "--out", tmp_path / "x.safetensors", "--model", "512"), 1, "does not fit the 512 model")

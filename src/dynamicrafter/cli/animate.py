@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -48,7 +49,9 @@ def animate(
     eta: EtaOpt = None,
     seed: SeedOpt = 123,
     fs: FsOpt = None,
-    frames: Annotated[Optional[int], typer.Option(help="Frames to generate (default: the preset's 16).")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Frames to generate (default: the preset's 16); more than --window makes a long video.")] = None,
+    window: Annotated[Optional[int], typer.Option(help="Long videos: frames per denoising window (default 16, the model's length).")] = None,
+    stride: Annotated[Optional[int], typer.Option(help="Long videos: frames between window starts (default 8; smaller is smoother and slower).")] = None,
     fps: FpsOpt = None,
     negative_prompt: NegativeOpt = "",
     image_scale: LambdaOpt = None,
@@ -62,6 +65,7 @@ def animate(
 ) -> None:
     """Animate IMAGE following PROMPT; writes the video and a JSON sidecar with every setting."""
     from ..images import load_image, prepare_image
+    from ..long_video import window_starts
     from ..pipeline import animate as run_animate, set_image_scale
     from ..presets import get_preset
     from ..video import ensure_writable_dir, video_to_uint8, write_frames, write_sidecar
@@ -84,6 +88,18 @@ def animate(
     check_checkpoint_path(checkpoint)
     torch_device, torch_dtype = resolve_device(device, dtype)
     settings = sampling_settings(preset, steps, cfg, cfg_img, eta, fs, frames)
+    settings = replace(
+        settings,
+        window=settings.window if window is None else window,
+        stride=settings.stride if stride is None else stride,
+    )
+    try:
+        window_starts(settings.frames, settings.window, settings.stride)
+    except ValueError as exc:
+        raise UsageError(f"--window/--stride: {exc}") from None
+    if (mode == "i2v") != (preset.mode == "i2v") and preset.architecture != "tiny" and not quiet:
+        hint = "--end-image/--loop are meant for the 512-interp model" if mode != "i2v" else "the 512-interp model wants --end-image or --loop"
+        console.print(f"[yellow]warning:[/] {hint}", markup=True)
     start = prepare_image(picture, preset.height, preset.width)
     end = prepare_image(end_picture, preset.height, preset.width) if end_picture is not None else None
     if verbose and not quiet:
