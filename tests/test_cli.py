@@ -286,3 +286,20 @@ def test_convert_roundtrip(tmp_path):
     assert all(torch.equal(loaded[k], reference[k].half().float()) for k in reference)
     one_line_error(run("convert", ckpt, "--out", out, "--model", "tiny"), 2, "--overwrite")
     one_line_error(run("convert", ckpt, "--out", tmp_path / "x.safetensors", "--model", "512"), 1, "does not fit the 512 model")
+
+
+def test_lambda_sweep_outputs_and_measures(tmp_path):
+    out = tmp_path / "sweep"
+    result = run("lambda-sweep", EXAMPLE, "waving", *FAST, "--values", "0,1", "--layers", "input", "--out-dir", out, "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [r["lambda"] for r in record["results"]] == [0.0, 1.0] and record["blocks"] == [0, 1, 2, 3, 4, 5]
+    for r in record["results"]:
+        assert 0 <= r["motion"] <= 1 and -1 <= r["conformity"] <= 1
+    grid, a, b = (read_video(out / name) for name in ("grid.mp4", "lambda_0.mp4", "lambda_1.mp4"))
+    assert grid.shape == (16, 128 + 20, 2 * 128, 3) and a.shape == b.shape == (16, 128, 128, 3)
+    assert not np.array_equal(a, b)  # λ on the input layers changes the video
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.size == (3 * 128, 2 * (128 + 20))
+    assert Image.open(out / "chart.png").size[0] > 0
+    one_line_error(run("lambda-sweep", EXAMPLE, "waving", *FAST, "--layers", "99", "--out-dir", out), 2, "between 0 and 15")

@@ -45,8 +45,6 @@ def lambda_sweep(
 ) -> None:
     """Animate IMAGE once per λ with identical noise; write a labelled grid video, one video per λ, a contact
     sheet, a chart, and the motion / input-conformity measures per λ."""
-    import numpy as np
-
     from ..images import load_image, prepare_image
     from ..pipeline import animate as run_animate, set_image_scale
     from ..presets import get_preset
@@ -77,15 +75,17 @@ def lambda_sweep(
     with timed(timings, "load_s"):
         net = load_for(preset, checkpoint, torch_device, torch_dtype, quiet=quiet)
     n = len(lambdas)
+    videos = []
     with timed(timings, "generate_s"), progress_bar(quiet) as progress:
-        task = progress.add_task(f"{n} λ values", total=None)
-        set_image_scale(net, lambdas, blocks)  # one λ per sample of the batch; other blocks keep their value
-        video = run_animate(
-            net, start.repeat(n, 1, 1, 1), [prompt] * n, settings, [seed] * n,
-            end=None if end is None else end.repeat(n, 1, 1, 1), mode=mode, negative_prompts=[negative_prompt] * n,
-            callback=lambda i, total: progress.update(task, completed=i + 1, total=total),
-        )
+        task = progress.add_task(f"{n} λ values", total=n)
+        for value in lambdas:  # identical seed, hence identical noise, for every λ
+            set_image_scale(net, value, blocks)  # the other blocks keep their checkpoint value
+            videos.append(run_animate(
+                net, start, [prompt], settings, [seed], end=end, mode=mode, negative_prompts=[negative_prompt],
+            )[0])
+            progress.update(task, advance=1)
         set_image_scale(net, 1.0)
+    video = videos
     clips = [video_to_uint8(v) for v in video]
     labels = [f"lambda={v:g}" for v in lambdas]
     rows = [
