@@ -1,8 +1,12 @@
-"""Batches of photos: discovering items, reading prompt manifests, per-item seeds, and the resumable runner.
+"""Batches of photos: discovering items, reading prompt manifests, per-item seeds, sharding, and running them.
 
 An item's output is complete when its video *and* its JSON sidecar exist (the sidecar is written last, both
 atomically), so a rerun skips finished items and redoes anything interrupted.  Each item's seed is derived from the
 run's seed and the item's own name, so an item gives the same video whichever worker, shard or batch runs it.
+
+Running is shared by the engines: the local batch and every Ray worker turn items into :class:`Job` s with
+:func:`prepare_jobs` and animate them with :func:`run_jobs`, which writes each video and sidecar atomically and
+yields one :class:`Outcome` per item.  Tensor shapes: (1, 3, H, W) per input image, H x W the preset's resolution.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,10 +55,56 @@ class Outcome:
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class BatchSpec:
+    """What every item of one run shares: plain values only, so it can travel to Ray workers."""
+
+    model: str
+    out_dir: Path
+    fmt: str = "mp4"
+    seed: int = 123  # the run's seed; each item's own is derived from it (see seed_of)
+    options: dict[str, Any] = field(default_factory=dict)  # run-wide ITEM_SETTINGS; an item's own ones win
+    checkpoint: Path | None = None
+    device: str | None = None  # None: cuda when available
+    dtype: str | None = None  # None: fp16 on cuda, fp32 on cpu
+    fps: int | None = None  # None: the preset's
+    batch_size: int = 1  # photos per UNet call
+    overwrite: bool = False
+
+    def output(self, item: Item) -> Path:
+        """Where ``item``'s video goes (a PNG frame folder has no suffix)."""
+        return self.out_dir / (item.name if self.fmt == "png" else f"{item.name}.{self.fmt}")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated item: its tensors, settings and where it goes."""
+
+    item: Item
+    start: Any  # (1, 3, H, W) tensor in [-1, 1]
+    end: Any  # (1, 3, H, W) tensor, or None
+    mode: str  # "i2v" or "interp"
+    settings: Any  # SamplingSettings
+    negative_prompt: str
+    image_scale: float | None
+    seed: int
+    output: Path
+
+    @property
+    def group_key(self) -> tuple:
+        """Jobs with equal keys can share one UNet call."""
+        return (self.settings, self.mode, self.image_scale)
+
+
 def item_seed(run_seed: int, name: str) -> int:
     """A stable 31-bit seed from the run's seed and the item's name."""
     digest = hashlib.sha256(f"{run_seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def seed_of(item: Item, run_seed: int) -> int:
+    """The item's own manifest seed, else :func:`item_seed` of the run's seed and its name."""
+    return int(item.overrides["seed"]) if "seed" in item.overrides else item_seed(run_seed, item.name)
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -143,6 +195,36 @@ def is_complete(output: Path, sidecar: Path) -> bool:
     return output.exists() and sidecar.is_file()
 
 
+def split_finished(items: Iterable[Item], spec: BatchSpec) -> tuple[list[Item], list[Outcome]]:
+    """(items still to animate, a "skipped" outcome for each item whose complete output exists).
+
+    With ``spec.overwrite`` nothing is skipped.
+    """
+    from .cli.common import sidecar_path
+
+    todo, skipped = [], []
+    for item in items:
+        output = spec.output(item)
+        if not spec.overwrite and is_complete(output, sidecar_path(output)):
+            skipped.append(Outcome(item, "skipped", output))
+        else:
+            todo.append(item)
+    return todo, skipped
+
+
+def clear_partials(items: Iterable[Item], spec: BatchSpec) -> None:
+    """Remove what killed writes (SIGKILL, a dead worker) left of these items: ``.<name>.<random>.partial``."""
+    from .cli.common import sidecar_path
+
+    names = {p.name for item in items for p in (spec.output(item), sidecar_path(spec.output(item)))}
+    if not names or not spec.out_dir.is_dir():
+        return
+    for path in spec.out_dir.iterdir():
+        stem = path.name[1 : -len(".partial")]
+        if path.name.startswith(".") and path.name.endswith(".partial") and stem.rsplit(".", 1)[0] in names:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def group_for_batching(items: Iterable[Item], batch_size: int, key: Callable[[Item], Any]) -> list[list[Item]]:
     """Consecutive groups of at most ``batch_size`` items sharing ``key`` (the settings one UNet call needs)."""
     groups: dict[Any, list[list[Item]]] = {}
@@ -155,3 +237,86 @@ def group_for_batching(items: Iterable[Item], batch_size: int, key: Callable[[It
             order.append(bucket[-1])
         bucket[-1].append(item)
     return order
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a failed item: the message of an expected error, with the type for anything else."""
+    return str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+
+
+def prepare_job(item: Item, spec: BatchSpec, preset) -> Job:
+    """Validate one item (prompt, images, per-item settings) into a :class:`Job`; raises what animate would."""
+    from .cli.app import UsageError
+    from .cli.common import sampling_settings
+    from .images import load_image, prepare_image
+
+    if not item.prompt or not item.prompt.strip():
+        raise UsageError(f"no prompt: add {item.image.stem}.txt, a --prompts row, or --prompt")
+    opts = {**spec.options, **item.overrides}
+    start = prepare_image(load_image(item.image), preset.height, preset.width)
+    end_path = opts.get("end_image")
+    end = prepare_image(load_image(end_path), preset.height, preset.width) if end_path else None
+    settings = sampling_settings(preset, *(opts.get(k) for k in ("steps", "cfg", "cfg_img", "eta", "fs", "frames")))
+    return Job(item, start, end, "interp" if end is not None else "i2v", settings, opts.get("negative_prompt", ""),
+               opts.get("image_scale"), seed_of(item, spec.seed), spec.output(item))
+
+
+def prepare_jobs(items: Iterable[Item], spec: BatchSpec, preset) -> tuple[list[Job], list[Outcome]]:
+    """(jobs, a "failed" outcome for every item that cannot be animated); one bad item never stops the others."""
+    jobs, failed = [], []
+    for item in items:
+        try:
+            jobs.append(prepare_job(item, spec, preset))
+        except Exception as exc:
+            failed.append(Outcome(item, "failed", error=describe(exc)))
+    return jobs, failed
+
+
+def run_jobs(
+    net,
+    jobs: Sequence[Job],
+    spec: BatchSpec,
+    preset,
+    device: str,
+    dtype,
+    *,
+    load_s: float = 0.0,
+    callback: Callable[[int, int], None] | None = None,
+) -> Iterator[Outcome]:
+    """Animate ``jobs`` in groups of compatible settings (``spec.batch_size`` per UNet call) with the loaded ``net``.
+
+    Each video and then its sidecar are written atomically as its group finishes, and its outcome is yielded; a
+    group that fails yields "failed" outcomes and the next one goes on.  ``callback(step, steps)`` reports denoising.
+    """
+    import torch
+
+    from .cli.common import make_record, sidecar_path
+    from .pipeline import animate, set_image_scale
+    from .video import video_to_uint8, write_frames, write_sidecar
+
+    fps = spec.fps or preset.fps
+    for group in group_for_batching(jobs, spec.batch_size, key=lambda j: j.group_key):
+        first, finished = group[0], 0
+        set_image_scale(net, 1.0 if first.image_scale is None else first.image_scale)
+        try:
+            started = time.perf_counter()
+            video = animate(  # (B, 3, T, H, W)
+                net, torch.cat([j.start for j in group]), [j.item.prompt for j in group], first.settings,
+                [j.seed for j in group], end=torch.cat([j.end for j in group]) if first.mode == "interp" else None,
+                mode=first.mode, negative_prompts=[j.negative_prompt for j in group], callback=callback,
+            )
+            timings = {"load_s": load_s, "generate_s": (time.perf_counter() - started) / len(group)}
+            for job, clip in zip(group, video):
+                frames = video_to_uint8(clip)  # (T, H, W, 3)
+                written = write_frames(frames, job.output, fps, spec.fmt)
+                record = make_record(
+                    image=job.item.image, prompt=job.item.prompt, negative_prompt=job.negative_prompt, preset=preset,
+                    checkpoint=spec.checkpoint, seed=job.seed, settings=job.settings, image_scale=job.image_scale,
+                    fps=fps, device=device, dtype=dtype, output=written, frames=frames, timings=timings, mode=job.mode,
+                )
+                write_sidecar(sidecar_path(written), record)
+                finished += 1
+                yield Outcome(job.item, "done", written, seed=job.seed)
+        except Exception as exc:  # a failing group is reported; the others go on
+            for job in group[finished:]:
+                yield Outcome(job.item, "failed", error=describe(exc), seed=job.seed)

@@ -138,21 +138,23 @@ def make_conditioning(
     b = start.shape[0]
     if len(prompts) != b:
         raise ValueError(f"{len(prompts)} prompts for {b} images")
+    if mode == "interp" and end is not None and end.shape != start.shape:
+        raise ValueError(f"end images {tuple(end.shape)} must match the start images {tuple(start.shape)}")
     negative = list(negative_prompts) if negative_prompts is not None else [""] * b
     start = start.to(device)
     text = encode_text(model, [*prompts, *negative])  # (2B, 77, C)
     image = encode_image_context(model, torch.cat([start, torch.zeros_like(start)]))  # (2B, n_img, C)
     txt_c, txt_u = text[:b], text[b:]
     img_c, img_u = image[:b], image[b:]
-    pictures = start if end is None or mode != "interp" else torch.cat([start, end.to(device)])
-    z = encode_latents(model, pictures)  # (B or 2B, 4, h, w)
-    z_end = z[b:] if mode == "interp" else None
+    z = encode_latents(model, start)  # (B, 4, h, w)
+    # separate VAE calls: an interpolation to the start image is then bit-identical to a loop
+    z_end = encode_latents(model, end.to(device)) if mode == "interp" and end is not None else None
     fs = settings.fs if settings.fs is not None else model.cfg.unet.default_fs
     return Conditioning(
         context=torch.cat([txt_c, img_c], dim=1),
         uncond_context=torch.cat([txt_u, img_u], dim=1),
         image_only_context=torch.cat([txt_u, img_c], dim=1),
-        concat=concat_latent(z[:b], z_end, mode, settings.frames),
+        concat=concat_latent(z, z_end, mode, settings.frames),
         fs=torch.full((b,), fs, dtype=torch.long, device=device),
     )
 

@@ -1,60 +1,37 @@
-"""``dynamicrafter batch FOLDER``: every photo of a folder, resumable, sharded, one model load."""
+"""``dynamicrafter batch FOLDER``: every photo of a folder, resumable, sharded, one model load per worker.
+
+Two engines run the same library code (:func:`~dynamicrafter.batch.prepare_jobs` and
+:func:`~dynamicrafter.batch.run_jobs`): ``local`` in this process, ``ray`` on a Ray cluster
+(:mod:`dynamicrafter.ray_engine`).  This module parses and validates, skips finished items, and prints the summary;
+the exit code is 1 if any item failed.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from ..batch import Item, Outcome, collect_items, group_for_batching, is_complete, item_seed, parse_shard, shard
-from .app import EXIT_FAILED, EXIT_INTERRUPTED, ERRORS, UsageError, app, console, handle_errors
+from ..batch import (
+    BatchSpec, Item, Outcome, clear_partials, collect_items, parse_shard, prepare_jobs, run_jobs, shard, split_finished,
+)
+from ..ray_engine import ClusterTooSmallError
+from .app import EXIT_FAILED, EXIT_INTERRUPTED, UsageError, app, console, handle_errors
 from .common import (
     CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, FpsOpt, FsOpt, JsonOpt, LambdaOpt,
     ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path, load_for,
-    make_record, progress_bar, resolve_device, sampling_settings, sidecar_path, timed,
+    progress_bar, resolve_device, sampling_settings,
 )
 
-
-@dataclass(frozen=True)
-class Job:
-    """A validated item: its tensors, settings and where it goes."""
-
-    item: Item
-    start: Any  # (1, 3, H, W) tensor
-    end: Any  # (1, 3, H, W) tensor or None
-    mode: str
-    settings: Any  # SamplingSettings
-    negative_prompt: str
-    image_scale: float | None
-    seed: int
-    output: Path
-
-    @property
-    def group_key(self) -> tuple:
-        return (self.settings, self.mode, self.image_scale)
-
-
-def prepare_job(item: Item, preset, base: dict[str, Any], run_seed: int, output: Path) -> Job:
-    """Validate one item (image, prompt, per-item settings); raises the same errors animate would."""
-    from ..images import load_image, prepare_image
-
-    if not item.prompt or not item.prompt.strip():
-        raise UsageError(f"no prompt: add {item.image.stem}.txt, a --prompts row, or --prompt")
-    opts = {**base, **item.overrides}
-    start = prepare_image(load_image(item.image), preset.height, preset.width)
-    end_path = opts.get("end_image")
-    end = prepare_image(load_image(end_path), preset.height, preset.width) if end_path else None
-    settings = sampling_settings(
-        preset, opts.get("steps"), opts.get("cfg"), opts.get("cfg_img"), opts.get("eta"), opts.get("fs"), opts.get("frames")
-    )
-    seed = opts["seed"] if "seed" in item.overrides else item_seed(run_seed, item.name)
-    return Job(item, start, end, "interp" if end is not None else "i2v", settings, opts.get("negative_prompt", ""),
-               opts.get("image_scale"), seed, output)
+ENGINES = ("local", "ray")
 
 
 def summary_table(outcomes: list[Outcome]) -> Table:
@@ -68,8 +45,53 @@ def summary_table(outcomes: list[Outcome]) -> Table:
     return table
 
 
-def error_text(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, tuple(ERRORS)) else f"{exc.__class__.__name__}: {exc}"
+def check_engine(engine: str, address: str | None, workers: int | None, gpus_per_worker: float | None) -> None:
+    """Refuse impossible engine options, and say what to install when Ray is missing."""
+    if engine not in ENGINES:
+        raise UsageError(f"unknown --engine {engine!r}; choose local or ray")
+    if engine == "local":
+        given = [name for name, value in (("--address", address), ("--workers", workers),
+                                          ("--gpus-per-worker", gpus_per_worker)) if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply to --engine ray")
+        return
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1 (got {workers})")
+    if gpus_per_worker is not None and gpus_per_worker < 0:
+        raise UsageError(f"--gpus-per-worker must be >= 0 (got {gpus_per_worker})")
+    from ..ray_engine import RayUnavailableError, require_ray
+
+    try:
+        require_ray()
+    except RayUnavailableError as exc:
+        raise UsageError(escape(str(exc))) from None  # escaped: the error line is rich markup
+
+
+def check_device_names(device: str | None, dtype: str | None) -> None:
+    """For Ray, whose workers (not this machine) have the GPUs: only the names can be checked here."""
+    if device is not None and not (device in ("cpu", "mps") or device.startswith("cuda")):
+        raise UsageError(f"unknown --device {device!r}; use cpu or cuda")
+    if dtype is not None and dtype not in ("fp32", "fp16", "bf16"):
+        raise UsageError(f"unknown --dtype {dtype!r}; choose fp32, fp16 or bf16")
+
+
+def run_local(items: Sequence[Item], spec: BatchSpec, preset, quiet: bool) -> Iterator[Outcome]:
+    """Validate every item first, then load the model once (only if something is left) and run the jobs here."""
+    jobs, failed = prepare_jobs(items, spec, preset)
+    yield from failed
+    if not jobs:
+        return
+    device, dtype = resolve_device(spec.device, spec.dtype)
+    started = time.perf_counter()
+    net = load_for(preset, spec.checkpoint, device, dtype, quiet=quiet)
+    load_s = time.perf_counter() - started
+    with progress_bar(quiet) as progress:
+        overall = progress.add_task("photos", total=len(jobs))
+        steps = progress.add_task("denoising", total=None)
+        for outcome in run_jobs(net, jobs, spec, preset, device, dtype, load_s=load_s,
+                                callback=lambda i, total: progress.update(steps, completed=i + 1, total=total)):
+            progress.update(overall, advance=1)
+            yield outcome
 
 
 @app.command()
@@ -84,6 +106,11 @@ def batch(
     fmt: FormatOpt = "mp4",
     batch_size: Annotated[int, typer.Option(help="Photos per UNet call.")] = 1,
     shard_spec: Annotated[Optional[str], typer.Option("--shard", help="Run the I-th of N disjoint slices, e.g. 2/4.")] = None,
+    engine: Annotated[str, typer.Option(help="local, or ray: a Ray cluster (pip install 'dynamicrafter[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto or HOST:PORT (default: RAY_ADDRESS, "
+                                                        "a `ray start` cluster here, else a new local one).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray workers, one model each (default: one per GPU, else 1).")] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(help="GPUs per Ray worker (default: 1 if any, else 0).")] = None,
     steps: StepsOpt = None,
     cfg: CfgOpt = None,
     cfg_img: CfgImgOpt = None,
@@ -110,36 +137,45 @@ def batch(
         raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_engine(engine, address, workers, gpus_per_worker)
     items = shard(collect_items(folder, prompt, prompts), parse_shard(shard_spec))
     if not items:
         raise UsageError(f"no images in {folder} (looked for png, jpg, jpeg, webp, bmp)")
     out_dir = out_dir or folder / "animated"
     ensure_writable_dir(out_dir)
     check_checkpoint_path(checkpoint)
-    torch_device, torch_dtype = resolve_device(device, dtype)
-    base = {k: v for k, v in dict(steps=steps, cfg=cfg, cfg_img=cfg_img, eta=eta, fs=fs, frames=frames,
-                                  negative_prompt=negative_prompt, image_scale=image_scale).items() if v is not None}
+    if engine == "local":
+        resolve_device(device, dtype)
+    else:
+        check_device_names(device, dtype)
+    options = {k: v for k, v in dict(steps=steps, cfg=cfg, cfg_img=cfg_img, eta=eta, fs=fs, frames=frames,
+                                     negative_prompt=negative_prompt, image_scale=image_scale).items() if v is not None}
     sampling_settings(preset, steps, cfg, cfg_img, eta, fs, frames)  # refuse bad global options before any work
+    spec = BatchSpec(model=model, out_dir=out_dir, fmt=fmt, seed=seed, options=options, checkpoint=checkpoint,
+                     device=device, dtype=dtype, fps=fps, batch_size=batch_size, overwrite=overwrite)
 
-    outcomes: dict[str, Outcome] = {}
-    jobs: list[Job] = []
-    suffix = "" if fmt == "png" else f".{fmt}"
-    for item in items:
-        output = out_dir / f"{item.name}{suffix}"
-        if is_complete(output, sidecar_path(output)) and not overwrite:
-            outcomes[item.name] = Outcome(item, "skipped", output)
-            continue
-        try:
-            jobs.append(prepare_job(item, preset, base, seed, output))
-        except Exception as exc:  # one bad item never stops the batch
-            outcomes[item.name] = Outcome(item, "failed", error=error_text(exc))
-
+    todo, skipped = split_finished(items, spec)  # finished items are never scheduled
+    outcomes = {o.item.name: o for o in skipped}
     interrupted = False
-    if jobs:
+    if todo:
+        clear_partials(todo, spec)
+        if engine == "local":
+            results = run_local(todo, spec, preset, quiet)
+        else:
+            from ..ray_engine import run_on_ray
+
+            results = run_on_ray(todo, spec, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
+                                 quiet=quiet)
         try:
-            run_jobs(jobs, preset, checkpoint, torch_device, torch_dtype, fmt, fps or preset.fps, batch_size, outcomes, quiet)
+            with closing(results):
+                for outcome in results:
+                    outcomes[outcome.item.name] = outcome
         except KeyboardInterrupt:
             interrupted = True
+        except ClusterTooSmallError as exc:
+            raise UsageError(str(exc)) from None
+        finally:
+            clear_partials(todo, spec)  # what killed workers left behind
     ordered = [outcomes[i.name] for i in items if i.name in outcomes]
     failed = [o for o in ordered if o.status == "failed"]
     if as_json:
@@ -156,48 +192,3 @@ def batch(
         raise typer.Exit(EXIT_INTERRUPTED)
     if failed:
         raise typer.Exit(EXIT_FAILED)
-
-
-def run_jobs(jobs: list[Job], preset, checkpoint, device, dtype, fmt, fps, batch_size, outcomes, quiet) -> None:
-    """Load the model once, run the jobs in groups of compatible settings, write outputs as each group finishes."""
-    import torch
-
-    from ..pipeline import animate as run_animate, set_image_scale
-    from ..video import video_to_uint8, write_frames, write_sidecar
-
-    timings: dict[str, float] = {}
-    with timed(timings, "load_s"):
-        net = load_for(preset, checkpoint, device, dtype, quiet=quiet)
-    groups = group_for_batching(jobs, batch_size, key=lambda j: j.group_key)
-    with progress_bar(quiet) as progress:
-        overall = progress.add_task("photos", total=len(jobs))
-        steps = progress.add_task("denoising", total=None)
-        for group in groups:
-            first = group[0]
-            set_image_scale(net, 1.0 if first.image_scale is None else first.image_scale)
-            try:
-                with timed(timings, "generate_s"):
-                    video = run_animate(
-                        net, torch.cat([j.start for j in group]), [j.item.prompt for j in group], first.settings,
-                        [j.seed for j in group], end=torch.cat([j.end for j in group]) if first.mode == "interp" else None,
-                        mode=first.mode, negative_prompts=[j.negative_prompt for j in group],
-                        callback=lambda i, total: progress.update(steps, completed=i + 1, total=total),
-                    )
-                for job, clip in zip(group, video):
-                    frames_u8 = video_to_uint8(clip)
-                    written = write_frames(frames_u8, job.output, fps, fmt)
-                    record = make_record(
-                        image=job.item.image, prompt=job.item.prompt, negative_prompt=job.negative_prompt,
-                        preset=preset, checkpoint=checkpoint, seed=job.seed, settings=job.settings,
-                        image_scale=job.image_scale, fps=fps, device=device, dtype=dtype, output=written,
-                        frames=frames_u8, timings={**timings, "generate_s": timings["generate_s"] / len(group)},
-                        mode=job.mode,
-                    )
-                    write_sidecar(sidecar_path(written), record)
-                    outcomes[job.item.name] = Outcome(job.item, "done", written, seed=job.seed)
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # a failing group is reported; the others go on
-                for job in group:
-                    outcomes.setdefault(job.item.name, Outcome(job.item, "failed", error=error_text(exc), seed=job.seed))
-            progress.update(overall, advance=len(group))

@@ -12,6 +12,7 @@ Parameter names follow the original checkpoint (``to_q``, ``to_k_ip``, ``to_out.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -47,11 +48,44 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal
     return _merge_heads(out).reshape(n_seq, n, width)  # (N, n, H·d)
 
 
+@functools.cache
+def _onednn_matmul() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Float32 CPU inference (no autograd, not under ``torch.compile``) with oneDNN's matmul available."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.compiler.is_compiling()
+        and _onednn_matmul()
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, with float32 CPU inference routed through oneDNN's matmul.
+
+    oneDNN's AVX-512 kernels run these products about twice as fast as the BLAS behind ``F.linear`` on CPUs where
+    that BLAS falls back to AVX2 (AMD); see docs/PERFORMANCE.md.  Autograd, ``torch.compile`` and other devices or
+    dtypes take the plain path.
+    """
+    if onednn_inference(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters) computed by :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 def pointwise(layer: nn.Linear | nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """Apply a Linear or a kernel-1 convolution to the last (channel) axis of ``x``."""
-    if isinstance(layer, nn.Linear):
-        return layer(x)
-    return F.linear(x, layer.weight.flatten(1), layer.bias)
+    return linear(x, layer.weight.flatten(1), layer.bias)
 
 
 class RelativePosition(nn.Module):
@@ -95,10 +129,10 @@ class CrossAttention(nn.Module):
         inner = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads, self.dim_head = heads, dim_head
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # the original's to_out.1 is an inert Dropout
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, query_dim))  # the original's to_out.1 is an inert Dropout
         self.relative_position_k = self.relative_position_v = None
         if relative_length is not None:
             self.relative_position_k = RelativePosition(dim_head, relative_length)
@@ -107,8 +141,8 @@ class CrossAttention(nn.Module):
         self.image_cross_attention_scale = 1.0
         self.alpha = None
         if image_cross_attention:
-            self.to_k_ip = nn.Linear(context_dim, inner, bias=False)
-            self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
+            self.to_k_ip = Linear(context_dim, inner, bias=False)
+            self.to_v_ip = Linear(context_dim, inner, bias=False)
             if scale_learnable:
                 self.alpha = nn.Parameter(torch.zeros(()))
 
@@ -163,7 +197,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)
@@ -175,7 +209,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4) -> None:
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))  # 1: Dropout
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim))  # 1: Dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -237,7 +271,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.proj_in = Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(
                 inner,
@@ -249,7 +283,7 @@ class SpatialTransformer(nn.Module):
             )
             for _ in range(depth)
         )
-        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+        self.proj_out = Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
     def context_attentions(self) -> list[CrossAttention]:
         return [block.attn2 for block in self.transformer_blocks]
@@ -288,14 +322,14 @@ class TemporalTransformer(nn.Module):
         inner = heads * dim_head
         self.cross_attention, self.causal = cross_attention, causal
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv1d(channels, inner, 1)
+        self.proj_in = Linear(channels, inner) if use_linear else nn.Conv1d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(
                 inner, heads, dim_head, context_dim if cross_attention else None, relative_length=relative_length
             )
             for _ in range(depth)
         )
-        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv1d(inner, channels, 1)
+        self.proj_out = Linear(inner, channels) if use_linear else nn.Conv1d(inner, channels, 1)
 
     def context_attentions(self) -> list[CrossAttention]:
         return [block.attn2 for block in self.transformer_blocks] if self.cross_attention else []

@@ -1,0 +1,360 @@
+"""Speed and memory benchmark of the real pipeline: build/load, encode, UNet calls, guided DDIM steps, decode.
+
+:func:`run_benchmark` builds the chosen architecture (random weights from a seed, or a checkpoint), makes a
+synthetic start image and runs the pipeline's own functions in ``animate``'s order (``make_conditioning`` ->
+``seeded_noise`` -> ``sample`` -> ``decode_latents``), timing every stage with device synchronisation.  Per-call
+and per-step figures are medians over the sampling run without its first step, which carries one-time work
+(context projection, kernel selection, compilation).  The FLOPs of one UNet call are counted once, with
+``torch.utils.flop_counter`` on a meta-device copy of the UNet fed the shapes of the real call, so counting costs
+no compute.  Peak memory is ``torch.cuda.max_memory_allocated`` over the whole run on CUDA, and the peak resident
+set size of the process (``resource.getrusage``; it includes whatever the process held before) on the CPU.
+
+On CUDA two memory policies of the fast path are applied here: the text and image encoders (and the Resampler)
+leave the GPU once the conditioning is made (:func:`offload_encoders`), and the VAE decodes in chunks sized so
+that decoding does not raise the peak already reached while sampling (:func:`decode_within_peak`).
+
+Shape letters: B batch, T frames, H x W pixels, h x w latent, n guidance branches (1-3) batched per UNet call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import __version__
+from .checkpoint import build_random, load_model
+from .models.dynamicrafter import DynamiCrafter
+from .models.unet import UNet3D
+from .pipeline import SamplingSettings, decode_latents, latent_shape, make_conditioning, sample, seeded_noise
+from .presets import Preset
+
+PROMPT = "a benchmark scene with gentle motion"
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """What to run: a preset's architecture and sampler settings at a resolution, batch, device and dtype."""
+
+    preset: Preset
+    settings: SamplingSettings
+    height: int
+    width: int
+    batch: int = 1
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    checkpoint: Path | None = None  # None: random weights from ``seed``
+    compile: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Timings in seconds, memory in GiB; ``unet_tflop`` is the work of one UNet call, ``tflops`` its rate."""
+
+    model: str
+    weights: str
+    device: str
+    device_name: str
+    dtype: str
+    height: int
+    width: int
+    frames: int
+    steps: int
+    batch: int
+    guidance_branches: int
+    compile: bool
+    build_s: float
+    encode_s: float
+    unet_call_s: float
+    unet_calls: int
+    step_s: float
+    first_step_s: float
+    sample_s: float
+    decode_s: float
+    decode_chunk: int
+    end_to_end_s: float
+    peak_memory_gib: float
+    memory_kind: str
+    unet_tflop: float
+    tflops: float
+    finite: bool
+    torch: str
+    version: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Clocks and memory
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clock(device: torch.device) -> float:
+    _sync(device)
+    return time.perf_counter()
+
+
+def process_peak_rss_gib() -> float:
+    """Peak resident set size of this process so far (KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory policies of the fast path
+
+
+def offload_encoders(model: DynamiCrafter) -> None:
+    """Move the text and image towers and the Resampler to the CPU (they run once, before sampling)."""
+    device = next(model.unet.parameters()).device
+    if device.type != "cuda":
+        return
+    for tower in (model.text_encoder, model.image_encoder, model.image_proj):
+        tower.to("cpu")
+    torch.cuda.empty_cache()
+
+
+def decode_within_peak(model: DynamiCrafter, latents: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``decode_latents`` with the chunk size chosen by memory: (video (B, 3, T, H, W), frames per chunk).
+
+    On CUDA the first frame of every sample is decoded alone to measure the memory one frame needs; the rest goes in
+    the largest chunks that keep the allocation under the peak reached so far (sampling's) and within free memory,
+    at least one frame at a time.  Elsewhere the pipeline's default chunk is used.  Resets CUDA's peak-memory
+    statistics: a caller that wants the run's peak reads it before.
+    """
+    device = latents.device
+    if device.type != "cuda":
+        return decode_latents(model, latents), 4
+    b, t = latents.shape[0], latents.shape[2]
+    run_peak = torch.cuda.max_memory_allocated(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    first = decode_latents(model, latents[:, :, :1], chunk=b)  # (B, 3, 1, H, W)
+    per_frame = max((torch.cuda.max_memory_allocated(device) - base) / b, 1.0)
+    headroom = min(run_peak - torch.cuda.memory_allocated(device), torch.cuda.mem_get_info(device)[0])
+    chunk = max(1, min(b * (t - 1), int(headroom // per_frame))) if t > 1 else b
+    video = first if t == 1 else torch.cat([first, decode_latents(model, latents[:, :, 1:], chunk)], dim=2)
+    return video, chunk
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def unet_flops(model: DynamiCrafter, call: tuple[torch.Tensor, ...]) -> int:
+    """FLOPs of one UNet call with the shapes and dtypes of ``call`` = (x, timesteps, context, fs).
+
+    Counted on a meta-device copy (no memory, no compute); the copy is called twice with the same context and the
+    second call is counted, as every sampling step after the first reuses the projected context.
+    """
+    with torch.device("meta"):
+        unet = UNet3D(model.cfg.unet).to(call[0].dtype).eval()
+    args = [torch.empty(a.shape, dtype=a.dtype, device="meta") if a is not None else None for a in call]
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad():
+        unet(*args)
+        with counter:
+            unet(*args)
+    return counter.get_total_flops()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reduced precision
+
+
+@torch.no_grad()
+def unet_precision(
+    preset: Preset,
+    height: int,
+    width: int,
+    device: str,
+    dtype: torch.dtype,
+    *,
+    frames: int = 16,
+    batch: int = 2,
+    seed: int = 0,
+) -> dict[str, object]:
+    """One UNet call of ``preset``'s architecture with random weights, in float32 and then in ``dtype``.
+
+    Inputs are random: latent (B, 8, T, h, w), timesteps spread over 999…1, a context in the 77 + 16·T layout.
+    The float32 reference runs with TF32 off.  Returns the relative max error (max |low − ref| / max |ref|), whether
+    both outputs are finite, and the time of each call (the first of its kind, so including kernel selection).
+    """
+    cfg = preset.model_config().unet
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet3D(cfg)
+    dev = torch.device(device)
+    unet = unet.to(dev).eval().requires_grad_(False)
+    down = preset.model_config().vae.downscale
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, cfg.in_channels, frames, height // down, width // down, generator=g)
+    context = torch.randn(batch, cfg.text_tokens + cfg.image_tokens_per_frame * frames, cfg.context_dim, generator=g)
+    inputs = (x, torch.linspace(999, 1, batch).long(), context, torch.full((batch,), cfg.default_fs))
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        start = _clock(dev)
+        ref = unet(*(t.to(dev) for t in inputs)).float()
+        ref_s = _clock(dev) - start
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    unet.to(dtype)
+    start = _clock(dev)
+    low = unet(*(t.to(dev, dtype) if t.is_floating_point() else t.to(dev) for t in inputs)).float()
+    low_s = _clock(dev) - start
+    return {
+        "check": "unet_precision",
+        "model": preset.name,
+        "device": str(dev),
+        "device_name": device_name(dev),
+        "dtype": str(dtype).removeprefix("torch."),
+        "height": height,
+        "width": width,
+        "frames": frames,
+        "batch": batch,
+        "rel_max_err": ((low - ref).abs().max() / ref.abs().max()).item(),
+        "finite": bool(torch.isfinite(low).all()),
+        "reference_finite": bool(torch.isfinite(ref).all()),
+        "fp32_call_s": ref_s,
+        "low_call_s": low_s,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def synthetic_image(batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """A smooth deterministic start image (B, 3, H, W) in [-1, 1] (speed does not depend on its content)."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, 4, 4, generator=generator) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def build_model(spec: BenchSpec) -> DynamiCrafter:
+    cfg = spec.preset.model_config()
+    if spec.checkpoint is not None:
+        return load_model(cfg, spec.checkpoint, spec.device, spec.dtype, expected_model=spec.preset.name)
+    return build_random(cfg, spec.seed, spec.device, spec.dtype)
+
+
+def _timed_unet(model: DynamiCrafter, device: torch.device, calls: list[float], first_call: list) -> Callable[[], None]:
+    """Hooks that time every UNet call and keep the arguments of the first; returns the remover."""
+    started: list[float] = []
+
+    def before(_module, args):
+        if not first_call:
+            first_call.extend(args)
+        started.append(_clock(device))
+
+    def after(_module, _args, _out):
+        calls.append(_clock(device) - started.pop())
+
+    handles = [model.unet.register_forward_pre_hook(before), model.unet.register_forward_hook(after)]
+    return lambda: [h.remove() for h in handles]
+
+
+@torch.no_grad()
+def run_benchmark(spec: BenchSpec) -> BenchResult:
+    """Run the pipeline once as specified and measure it (see the module docstring)."""
+    if spec.batch < 1:
+        raise ValueError(f"batch must be at least 1, got {spec.batch}")
+    device = torch.device(spec.device)
+    settings = spec.settings
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    start = _clock(device)
+    model = build_model(spec)
+    build_s = _clock(device) - start
+    shape = latent_shape(model, spec.batch, settings.frames, spec.height, spec.width)  # validates H and W
+    if spec.compile:
+        model.unet = torch.compile(model.unet)
+
+    image = synthetic_image(spec.batch, spec.height, spec.width, spec.seed)
+    start = _clock(device)
+    cond = make_conditioning(model, image, [PROMPT] * spec.batch, settings)
+    encode_s = _clock(device) - start
+    offload_encoders(model)
+
+    seeds = [spec.seed + i for i in range(spec.batch)]
+    dtype = next(model.unet.parameters()).dtype
+    x_T, noise_fn = seeded_noise(seeds, shape, device, dtype, window=settings.window, stride=settings.stride)
+    calls: list[float] = []
+    first_call: list = []
+    stamps: list[float] = []
+    remove = _timed_unet(model, device, calls, first_call)
+    try:
+        begin = _clock(device)
+        latents = sample(model, cond, settings, x_T, noise_fn, callback=lambda i, total: stamps.append(_clock(device)))
+    finally:
+        remove()
+    steps = [b - a for a, b in zip([begin, *stamps[:-1]], stamps)]
+    sample_s = stamps[-1] - begin
+
+    sample_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    start = _clock(device)
+    video, chunk = decode_within_peak(model, latents)
+    decode_s = _clock(device) - start
+
+    if device.type == "cuda":
+        peak, kind = max(sample_peak, torch.cuda.max_memory_allocated(device)) / 2**30, "cuda max_memory_allocated"
+    else:
+        peak, kind = process_peak_rss_gib(), "process peak RSS"
+    later_calls = calls[len(calls) // len(steps) :] or calls  # the calls of steps 2.., or all with one step
+    unet_call_s = statistics.median(later_calls)
+    flop = unet_flops(model, tuple(first_call))
+    return BenchResult(
+        model=spec.preset.name,
+        weights=str(spec.checkpoint) if spec.checkpoint else f"random (seed {spec.seed})",
+        device=str(device),
+        device_name=device_name(device),
+        dtype=str(spec.dtype).removeprefix("torch."),
+        height=spec.height,
+        width=spec.width,
+        frames=settings.frames,
+        steps=len(steps),
+        batch=spec.batch,
+        guidance_branches=first_call[0].shape[0] // spec.batch,
+        compile=spec.compile,
+        build_s=build_s,
+        encode_s=encode_s,
+        unet_call_s=unet_call_s,
+        unet_calls=len(calls),
+        step_s=statistics.median(steps[1:] or steps),
+        first_step_s=steps[0],
+        sample_s=sample_s,
+        decode_s=decode_s,
+        decode_chunk=chunk,
+        end_to_end_s=encode_s + sample_s + decode_s,
+        peak_memory_gib=peak,
+        memory_kind=kind,
+        unet_tflop=flop / 1e12,
+        tflops=flop / 1e12 / unet_call_s,
+        finite=bool(torch.isfinite(latents).all() and torch.isfinite(video).all()),
+        torch=torch.__version__,
+        version=__version__,
+    )

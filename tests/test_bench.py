@@ -1,0 +1,96 @@
+"""``dynamicrafter bench``: the JSON report of a real tiny run, settings passed through, FLOP counting, usage errors."""
+
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+from dynamicrafter.bench import BenchResult, decode_within_peak, unet_flops
+from dynamicrafter.checkpoint import build_random
+from dynamicrafter.cli import app
+from dynamicrafter.pipeline import decode_latents
+from dynamicrafter.presets import get_preset
+
+runner = CliRunner()
+TIMES = ("build_s", "encode_s", "unet_call_s", "step_s", "first_step_s", "sample_s", "decode_s", "end_to_end_s")
+
+
+def bench(*args: object) -> dict:
+    result = runner.invoke(app, ["bench", "--model", "tiny", "--device", "cpu", "--json", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_json_report_of_a_tiny_run() -> None:
+    report = bench("--steps", 2)
+    assert set(report) == {f.name for f in fields(BenchResult)}
+    assert all(report[key] > 0 for key in TIMES), report
+    assert report["sample_s"] >= report["step_s"] and report["end_to_end_s"] >= report["sample_s"] + report["decode_s"]
+    assert report["peak_memory_gib"] > 0 and report["memory_kind"] == "process peak RSS"
+    assert report["unet_tflop"] > 0 and report["tflops"] > 0
+    assert abs(report["tflops"] - report["unet_tflop"] / report["unet_call_s"]) < 1e-9
+    assert (report["model"], report["device"], report["dtype"]) == ("tiny", "cpu", "float32")
+    shape = (report["height"], report["width"], report["frames"], report["steps"], report["batch"])
+    assert shape == (128, 128, 16, 2, 1)
+    assert report["guidance_branches"] == 2 and report["unet_calls"] == 2  # cond + uncond batched: one call a step
+    assert report["finite"] is True
+
+
+def test_settings_pass_through() -> None:
+    report = bench("--steps", 1, "--height", 64, "--width", 128, "--frames", 8, "--batch", 2, "--seed", 3)
+    assert (report["height"], report["width"], report["frames"], report["steps"], report["batch"]) == (64, 128, 8, 1, 2)
+    assert report["weights"] == "random (seed 3)" and report["unet_calls"] == 1 and report["finite"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "text"),
+    [
+        (["--random-weights", "--checkpoint", "missing.ckpt"], 2, "exclude each other"),
+        (["--height", "100"], 1, "multiples of 64"),
+        (["--batch", "0"], 2, "--batch"),
+        (["--dtype", "fp8"], 2, "--dtype"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(args: list[str], code: int, text: str) -> None:
+    result = runner.invoke(app, ["bench", "--model", "tiny", "--device", "cpu", *args])
+    assert result.exit_code == code and text in result.output and "Traceback" not in result.output
+
+
+def test_released_model_needs_weights_or_random(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("dynamicrafter.cli.bench.local_weights", lambda preset: None)
+    result = runner.invoke(app, ["bench", "--model", "256", "--device", "cpu"])
+    assert result.exit_code == 2 and "--random-weights" in result.output
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_random(get_preset("tiny").model_config(), 0)
+
+
+def test_flops_counted_on_meta_equal_a_real_call(tiny, monkeypatch) -> None:
+    """The meta-device count equals FlopCounterMode around a real call that reuses the projected context.
+
+    (The real call takes ``F.linear`` and the math attention: the counter sees neither the oneDNN matmul nor the
+    fused attention kernel of CPU inference, which is why the benchmark counts on the meta device.)
+    """
+    monkeypatch.setattr("dynamicrafter.models.attention._onednn_matmul", lambda: False)
+    x, t = torch.randn(2, 8, 16, 8, 8), torch.tensor([500, 500])
+    context, fs = torch.randn(2, 77 + 16 * 16, 32), torch.tensor([24, 24])
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        tiny.unet(x, t, context, fs)
+        with counter:
+            tiny.unet(x, t, context, fs)
+    assert unet_flops(tiny, (x, t, context, fs)) == counter.get_total_flops() > 0
+
+
+def test_decode_on_cpu_is_the_pipeline_decode(tiny) -> None:
+    latents = torch.randn(1, 4, 3, 8, 8)
+    video, chunk = decode_within_peak(tiny, latents)
+    assert chunk == 4 and torch.equal(video, decode_latents(tiny, latents))
