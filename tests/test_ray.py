@@ -53,7 +53,7 @@ def ray_batch(tmp_path_factory):
     """Six photos animated by two Ray workers of a local 2-CPU instance (so each worker has one CPU, one thread)."""
     root = tmp_path_factory.mktemp("ray")
     folder, out = photos(root / "photos", 6), root / "out"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the command uses an open session as it is
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # the command uses it as it is
     try:
         result = run("batch", folder, *FAST, "--seed", 11, "--out-dir", out, "--engine", "ray", "--workers", 2,
                      "--json")
