@@ -36,14 +36,15 @@ def test_json_report_of_a_tiny_run() -> None:
     assert (report["model"], report["device"], report["dtype"]) == ("tiny", "cpu", "float32")
     shape = (report["height"], report["width"], report["frames"], report["steps"], report["batch"])
     assert shape == (128, 128, 16, 2, 1)
-    assert report["guidance_branches"] == 2 and report["unet_calls"] == 2  # cond + uncond batched: one call a step
+    assert report["unet_batch"] == 2 and report["unet_calls"] == 2  # cond + uncond batched: one call a step
     assert report["finite"] is True
 
 
 def test_settings_pass_through() -> None:
     report = bench("--steps", 1, "--height", 64, "--width", 128, "--frames", 8, "--batch", 2, "--seed", 3)
     assert (report["height"], report["width"], report["frames"], report["steps"], report["batch"]) == (64, 128, 8, 1, 2)
-    assert report["weights"] == "random (seed 3)" and report["unet_calls"] == 1 and report["finite"] is True
+    assert report["weights"] == "random (seed 3)" and report["unet_calls"] == 1 and report["unet_batch"] == 4
+    assert report["finite"] is True
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ On CUDA two memory policies of the fast path are applied here: the text and imag
 leave the GPU once the conditioning is made (:func:`offload_encoders`), and the VAE decodes in chunks sized so
 that decoding does not raise the peak already reached while sampling (:func:`decode_within_peak`).
 
-Shape letters: B batch, T frames, H x W pixels, h x w latent, n guidance branches (1-3) batched per UNet call.
+Shape letters: B batch, T frames, H x W pixels, h x w latent.  ``unet_batch`` is the batch of one UNet call: B times
+the guidance branches (1-3), times the windows of a long video.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class BenchResult:
     frames: int
     steps: int
     batch: int
-    guidance_branches: int
+    unet_batch: int
     compile: bool
     build_s: float
     encode_s: float
@@ -262,18 +263,20 @@ def build_model(spec: BenchSpec) -> DynamiCrafter:
 
 
 def _timed_unet(model: DynamiCrafter, device: torch.device, calls: list[float], first_call: list) -> Callable[[], None]:
-    """Hooks that time every UNet call and keep the arguments of the first; returns the remover."""
+    """Hooks that time every UNet call and keep the arguments (x, timesteps, context, fs) of the first one; returns
+    the function that removes them."""
     started: list[float] = []
 
-    def before(_module, args):
+    def before(_module, args, kwargs):
         if not first_call:
-            first_call.extend(args)
+            names = ("x", "timesteps", "context", "fs")[len(args) :]
+            first_call.extend([*args, *(kwargs.get(name) for name in names)])
         started.append(_clock(device))
 
     def after(_module, _args, _out):
         calls.append(_clock(device) - started.pop())
 
-    handles = [model.unet.register_forward_pre_hook(before), model.unet.register_forward_hook(after)]
+    handles = [model.unet.register_forward_pre_hook(before, with_kwargs=True), model.unet.register_forward_hook(after)]
     return lambda: [h.remove() for h in handles]
 
 
@@ -338,7 +341,7 @@ def run_benchmark(spec: BenchSpec) -> BenchResult:
         frames=settings.frames,
         steps=len(steps),
         batch=spec.batch,
-        guidance_branches=first_call[0].shape[0] // spec.batch,
+        unet_batch=first_call[0].shape[0],
         compile=spec.compile,
         build_s=build_s,
         encode_s=encode_s,

@@ -91,7 +91,7 @@ def bench(
     table = Table(title=(
         f"dynamicrafter bench: {result['model']} ({result['weights']}), {result['height']}x{result['width']}, "
         f"{result['frames']} frames, {result['steps']} steps, batch {result['batch']}, "
-        f"{result['guidance_branches']} guidance branches; {result['device_name']}, {result['dtype']}"
+        f"UNet batch {result['unet_batch']}; {result['device_name']}, {result['dtype']}"
     ))
     table.add_column("measure")
     table.add_column("value", justify="right")
