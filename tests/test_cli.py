@@ -294,6 +294,7 @@ def test_lambda_sweep_outputs_and_measures(tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert [r["lambda"] for r in record["results"]] == [0.0, 1.0] and record["blocks"] == [0, 1, 2, 3, 4, 5]
+    assert record["batch_size"] == 2  # both λ values in one batch
     for r in record["results"]:
         assert 0 <= r["motion"] <= 1 and -1 <= r["conformity"] <= 1
     grid, a, b = (read_video(out / name) for name in ("grid.mp4", "lambda_0.mp4", "lambda_1.mp4"))
@@ -303,3 +304,33 @@ def test_lambda_sweep_outputs_and_measures(tmp_path):
     assert sheet.size == (3 * 128, 2 * (128 + 20))
     assert Image.open(out / "chart.png").size[0] > 0
     one_line_error(run("lambda-sweep", EXAMPLE, "waving", *FAST, "--layers", "99", "--out-dir", out), 2, "between 0 and 15")
+
+
+@pytest.mark.parametrize("frames", [16, 24])
+def test_lambda_values_batched_equal_one_run_per_value(frames):
+    """λ values as samples of one UNet batch give the videos of one run per λ (float64, so only the batching is
+    tested), for a plain and a windowed (24 frames: two windows) run; λ is back to 1 afterwards."""
+    import torch
+
+    from dynamicrafter.checkpoint import build_random
+    from dynamicrafter.cli.sweep import sweep_videos
+    from dynamicrafter.presets import get_preset
+
+    preset = get_preset("tiny")
+    net = build_random(preset.model_config(), 0, dtype=torch.float64)
+    settings = common.sampling_settings(preset, steps=2, frames=frames)
+    start = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 - 1
+    calls = []
+    net.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    videos = {}
+    for size in (None, 1):
+        videos[size], used = sweep_videos(
+            net, start, None, "i2v", "waving", "", settings, 5, [0.0, 0.5, 1.0], [0, 1, 2, 3, 4, 5], size, lambda n: None
+        )
+        assert used == (size or 3)
+    windows = 1 if frames == 16 else 2
+    assert calls == [2 * 3 * windows] * 2 + [2 * windows] * 6  # all λ in each step's call, then one λ per call
+    for a, b in zip(videos[None], videos[1]):
+        assert (a - b).abs().max() < 1e-7  # float64 rounding of different batch sizes, amplified by guidance
+    assert (videos[1][0] - videos[1][2]).abs().max() > 1e-3  # λ matters
+    assert all(a.image_cross_attention_scale == 1.0 for a in net.unet.spatial_attentions())

@@ -88,6 +88,28 @@ def test_lambda_per_block_changes_only_the_chosen_block() -> None:
         unet.set_image_cross_attention_scale(0.5, indices=[16])
 
 
+def test_one_lambda_per_sample_matches_the_reference_per_lambda() -> None:
+    """λ = (0, 0.5, 1) as one batch of three samples, guidance branches outermost (cond ×3, uncond ×3): every row
+    equals the original's output for its λ."""
+    unet, exp, inputs = load_scenario("i2v_512_style")
+    x = torch.cat([exp["probe_x_t"], exp["concat_latent"]], dim=1).repeat(6, 1, 1, 1, 1)
+    cond = torch.cat([exp["text_emb"], exp["image_ctx"]], dim=1)
+    uncond = torch.cat([exp["uncond_text_emb"], exp["uncond_image_ctx"]], dim=1)
+    context = torch.cat([cond.repeat(3, 1, 1), uncond.repeat(3, 1, 1)])
+    try:
+        unet.set_image_cross_attention_scale([0.0, 0.5, 1.0])
+        with torch.no_grad():
+            out = unet(x, torch.full((6,), inputs["probe_t"]), context, torch.full((6,), inputs["fs"]))
+        with pytest.raises(ValueError, match="do not divide"):
+            unet(x[:4], torch.full((4,), inputs["probe_t"]), context[:4], torch.full((4,), inputs["fs"]))
+    finally:
+        unet.set_image_cross_attention_scale(1.0)
+    for row, key in enumerate(["probe_unet_out_lambda_0.0", "probe_unet_out_lambda_0.5", "probe_unet_out"]):
+        assert rel_err(out[row : row + 1], exp[key]) <= TOL
+    assert rel_err(out[5:], exp["probe_unet_out_uncond"]) <= TOL
+    assert all(a.image_cross_attention_scale == 1.0 for a in unet.spatial_attentions())
+
+
 TINY = dict(model_channels=32, channel_mult=(1, 2), attention_resolutions=(1, 2), num_res_blocks=1, context_dim=32,
             temporal_length=4)
 RARE = {

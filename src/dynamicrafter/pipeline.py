@@ -329,8 +329,11 @@ def decode_latents(model: DynamiCrafter, latents: torch.Tensor, chunk: int = 4) 
 # λ control
 
 
-def set_image_scale(model: DynamiCrafter, value: float, blocks: Iterable[int] | None = None) -> None:
-    """Set the image cross-attention scale λ on the chosen spatial-transformer indices (None: all)."""
+def set_image_scale(
+    model: DynamiCrafter, value: float | Sequence[float], blocks: Iterable[int] | None = None
+) -> None:
+    """Set the image cross-attention scale λ on the chosen spatial-transformer indices (None: all): one value, or
+    one per sample of the batches that follow (see ``UNet3D.set_image_cross_attention_scale``)."""
     model.unet.set_image_cross_attention_scale(value, blocks)
 
 

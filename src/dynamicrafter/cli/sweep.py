@@ -27,6 +27,7 @@ def lambda_sweep(
     layers: Annotated[str, typer.Option(help="Where λ applies: all, input, middle, output, or indices like 0,3,5.")] = "all",
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", "-o", help="Output folder (default: <IMAGE stem>_lambda_sweep).")] = None,
     end_image: Annotated[Optional[Path], typer.Option("--end-image", help="End frame (interpolation model).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="λ values per UNet batch (default: all; halved automatically when the GPU runs out of memory).")] = None,
     model: ModelOpt = "512",
     checkpoint: CheckpointOpt = None,
     steps: StepsOpt = None,
@@ -46,7 +47,6 @@ def lambda_sweep(
     """Animate IMAGE once per λ with identical noise; write a labelled grid video, one video per λ, a contact
     sheet, a chart, and the motion / input-conformity measures per λ."""
     from ..images import load_image, prepare_image
-    from ..pipeline import animate as run_animate, set_image_scale
     from ..presets import get_preset
     from ..sweep import chart, conformity, contact_sheet, grid_video, layer_indices, motion, parse_values
     from ..video import atomic_path, ensure_writable_dir, video_to_uint8, write_frames, write_sidecar
@@ -74,18 +74,12 @@ def lambda_sweep(
     timings: dict[str, float] = {}
     with timed(timings, "load_s"):
         net = load_for(preset, checkpoint, torch_device, torch_dtype, quiet=quiet)
-    n = len(lambdas)
-    videos = []
     with timed(timings, "generate_s"), progress_bar(quiet) as progress:
-        task = progress.add_task(f"{n} λ values", total=n)
-        for value in lambdas:  # identical seed, hence identical noise, for every λ
-            set_image_scale(net, value, blocks)  # the other blocks keep their checkpoint value
-            videos.append(run_animate(
-                net, start, [prompt], settings, [seed], end=end, mode=mode, negative_prompts=[negative_prompt],
-            )[0])
-            progress.update(task, advance=1)
-        set_image_scale(net, 1.0)
-    video = videos
+        task = progress.add_task(f"{len(lambdas)} λ values", total=len(lambdas))
+        video, used_batch = sweep_videos(
+            net, start, end, mode, prompt, negative_prompt, settings, seed, lambdas, blocks, batch_size,
+            lambda done: progress.update(task, advance=done),
+        )
     clips = [video_to_uint8(v) for v in video]
     labels = [f"lambda={v:g}" for v in lambdas]
     rows = [
@@ -104,7 +98,7 @@ def lambda_sweep(
             picture_out.save(tmp)
     record = {
         "image": str(image), "prompt": prompt, "model": preset.name, "seed": seed, "layers": layers,
-        "blocks": blocks, "settings": settings.__dict__, "results": rows,
+        "blocks": blocks, "batch_size": used_batch, "settings": settings.__dict__, "results": rows,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     write_sidecar(out_dir / "metrics.json", record)
@@ -119,3 +113,37 @@ def lambda_sweep(
             table.add_row(f"{r['lambda']:g}", f"{r['motion']:.4f}", f"{r['conformity']:.4f}", r["video"])
         console.print(table)
         console.print(f"[green]wrote[/] {out_dir}/grid.mp4, contact_sheet.png, chart.png, metrics.json", markup=True)
+
+
+def sweep_videos(net, start, end, mode, prompt, negative_prompt, settings, seed, lambdas, blocks, batch_size, advance):
+    """Videos (3, T, H, W) for every λ and the batch size that ran: the λ values run as samples of one batch (``batch_size`` at a time; all by
+    default), each with its own λ on ``blocks`` and the same seed, hence the same noise; on a CUDA out-of-memory
+    error the batch is halved and the chunk retried."""
+    import torch
+
+    from ..pipeline import animate as run_animate, set_image_scale
+
+    size = batch_size or len(lambdas)
+    videos: list = []
+    try:
+        while len(videos) < len(lambdas):
+            chunk = lambdas[len(videos) : len(videos) + size]
+            n = len(chunk)
+            set_image_scale(net, chunk, blocks)  # the other blocks keep λ = 1
+            try:
+                out = run_animate(
+                    net, start.expand(n, -1, -1, -1), [prompt] * n, settings, [seed] * n,
+                    end=None if end is None else end.expand(n, -1, -1, -1), mode=mode,
+                    negative_prompts=[negative_prompt] * n,
+                )
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                size = max(1, size // 2)
+                torch.cuda.empty_cache()
+                continue
+            videos.extend(out.unbind(0))
+            advance(n)
+    finally:
+        set_image_scale(net, 1.0)
+    return videos, size

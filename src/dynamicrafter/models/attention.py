@@ -109,7 +109,7 @@ class CrossAttention(nn.Module):
     The context is projected once per run by :meth:`project`: the text tokens through ``to_k``/``to_v`` and, with
     ``image_cross_attention``, the image tokens through ``to_k_ip``/``to_v_ip``; then
     ``out = Attn_text + λ·Attn_image`` (times ``tanh(alpha) + 1`` with the learnable gate) before ``to_out``, λ being
-    the plain float attribute ``image_cross_attention_scale``.  Without image cross-attention the image tokens are
+    the attribute ``image_cross_attention_scale``: a float, or a 1-D tensor of one λ per sample (see :func:`per_row`).  Without image cross-attention the image tokens are
     ignored.  ``relative_length`` adds the relative-position terms (temporal attention only); ``causal`` in
     ``forward`` masks keys after the query (self-attention).
     """
@@ -138,7 +138,7 @@ class CrossAttention(nn.Module):
             self.relative_position_k = RelativePosition(dim_head, relative_length)
             self.relative_position_v = RelativePosition(dim_head, relative_length)
         self.image_cross_attention = image_cross_attention
-        self.image_cross_attention_scale = 1.0
+        self.image_cross_attention_scale: float | torch.Tensor = 1.0
         self.alpha = None
         if image_cross_attention:
             self.to_k_ip = Linear(context_dim, inner, bias=False)
@@ -182,10 +182,23 @@ class CrossAttention(nn.Module):
             return self.to_out(self._attend(q, self.to_k(x), self.to_v(x), causal))
         k, v, k_image, v_image = context
         out = self._attend(q, k, v, causal)
-        if k_image is not None and k_image.shape[1] > 0 and self.image_cross_attention_scale != 0:
-            out_image = self.image_cross_attention_scale * self._attend(q, k_image, v_image, False)
+        scale = self.image_cross_attention_scale
+        if k_image is not None and k_image.shape[1] > 0 and not (isinstance(scale, float) and scale == 0):
+            if isinstance(scale, float):
+                out_image = scale * self._attend(q, k_image, v_image, False)
+            else:  # one λ per sample: rows of the batch with text key set g belong to sample g mod S
+                out_image = self._attend(q, k_image, v_image, False) * per_row(scale, q.shape[0], k.shape[0]).to(q)
             out = out + (out_image if self.alpha is None else out_image * (torch.tanh(self.alpha) + 1))
         return self.to_out(out)
+
+
+def per_row(values: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
+    """S per-sample values -> (rows, 1, 1) for a batch of ``rows`` query sequences in ``groups`` equal runs, one run
+    per UNet sample; the UNet batch is laid out with the sample index innermost (branch- or window-major), so
+    run g is sample g mod S."""
+    if groups % values.numel():
+        raise ValueError(f"{values.numel()} per-sample λ values do not divide a UNet batch of {groups}")
+    return values.repeat(groups // values.numel()).repeat_interleave(rows // groups)[:, None, None]
 
 
 # The projected context of every context-attending layer of a network.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -345,15 +345,28 @@ class UNet3D(nn.Module):
         """The image-aware cross-attentions in network order (input blocks, middle block, output blocks)."""
         return [m for m in self.modules() if isinstance(m, CrossAttention) and m.image_cross_attention]
 
-    def set_image_cross_attention_scale(self, value: float, indices: Iterable[int] | None = None) -> None:
-        """Set λ of the image cross-attentions ``indices`` (positions in ``spatial_attentions()``; None = all)."""
+    def set_image_cross_attention_scale(
+        self, value: float | Sequence[float] | torch.Tensor, indices: Iterable[int] | None = None
+    ) -> None:
+        """Set λ of the image cross-attentions ``indices`` (positions in ``spatial_attentions()``; None = all).
+
+        ``value`` is one λ for every sample, or one λ per sample (S values): a UNet batch then holds S samples, or
+        whole multiples of them with the sample index innermost (guidance branches and windows outermost).
+        """
         attns = self.spatial_attentions()
         chosen = range(len(attns)) if indices is None else list(indices)
         bad = [i for i in chosen if not -len(attns) <= i < len(attns)]
         if bad:
             raise ValueError(f"image cross-attention indices {bad} out of range for {len(attns)} layers")
+        if isinstance(value, (int, float)):
+            scale: float | torch.Tensor = float(value)
+        else:
+            device = next(self.parameters()).device  # kept where the UNet runs: no copy per call
+            scale = torch.as_tensor(value, dtype=torch.float32).flatten().to(device)
+            if scale.numel() == 1:
+                scale = float(scale)
         for i in chosen:
-            attns[i].image_cross_attention_scale = float(value)
+            attns[i].image_cross_attention_scale = scale
 
     # ----------------------------------------------------------------------------------------------------------
 
