@@ -9,10 +9,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from dynamicrafter.bench import BenchResult, decode_within_peak, unet_flops
+from dynamicrafter.bench import BenchResult, unet_flops
 from dynamicrafter.checkpoint import build_random
 from dynamicrafter.cli import app
-from dynamicrafter.pipeline import decode_latents
+from dynamicrafter.pipeline import decode_latents, decode_within_peak
 from dynamicrafter.presets import get_preset
 
 runner = CliRunner()
@@ -95,3 +95,24 @@ def test_decode_on_cpu_is_the_pipeline_decode(tiny) -> None:
     latents = torch.randn(1, 4, 3, 8, 8)
     video, chunk = decode_within_peak(tiny, latents)
     assert chunk == 4 and torch.equal(video, decode_latents(tiny, latents))
+
+
+def test_animate_offloads_the_encoders_after_encoding_unless_kept(tiny, monkeypatch) -> None:
+    """The memory policy the benchmark measures is the one ``animate`` runs: encode, then the encoders leave (a
+    no-op off CUDA), unless the caller keeps them for more runs (``batch``)."""
+    from dataclasses import replace
+
+    from dynamicrafter import pipeline
+    from dynamicrafter.cli.common import sampling_settings
+
+    events: list[str] = []
+    encode = pipeline.make_conditioning
+    monkeypatch.setattr(pipeline, "make_conditioning", lambda *a, **k: events.append("encode") or encode(*a, **k))
+    monkeypatch.setattr(pipeline, "offload_encoders", lambda model: events.append("offload"))
+    settings = replace(sampling_settings(get_preset("tiny"), steps=2), frames=4)
+    image = torch.zeros(1, 3, 64, 64)
+    pipeline.animate(tiny, image, ["a cat"], settings, [0])
+    assert events == ["encode", "offload"]
+    events.clear()
+    pipeline.animate(tiny, image, ["a cat"], settings, [0], keep_encoders=True)
+    assert events == ["encode"]

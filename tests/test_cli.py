@@ -334,3 +334,16 @@ def test_lambda_values_batched_equal_one_run_per_value(frames):
         assert (a - b).abs().max() < 1e-7  # float64 rounding of different batch sizes, amplified by guidance
     assert (videos[1][0] - videos[1][2]).abs().max() > 1e-3  # λ matters
     assert all(a.image_cross_attention_scale == 1.0 for a in net.unet.spatial_attentions())
+
+
+def test_non_finite_sampling_writes_nothing(tmp_path, monkeypatch):
+    """NaN from the sampler (a reduced-precision overflow) is a one-line error that names the way out, and no file
+    is written."""
+    import torch
+
+    import dynamicrafter.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "sample", lambda *a, **k: torch.full((1, 4, 16, 16, 16), float("nan")))
+    out = tmp_path / "clip.mp4"
+    one_line_error(run("animate", EXAMPLE, "waving", *FAST, "--out", out), 1, "rerun with --dtype bf16 or --dtype fp32")
+    assert list(tmp_path.iterdir()) == []

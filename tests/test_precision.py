@@ -124,3 +124,26 @@ def test_cuda_path_agrees_with_cpu_path() -> None:
         assert torch.isfinite(got).all() and rel_err(got.cpu(), exp) < 0.02
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def test_overflowing_reduced_precision_decode_is_redone_in_fp32(monkeypatch) -> None:
+    """A VAE chunk that overflows in bf16 is decoded again with the VAE alone in fp32 (only that chunk), and the
+    VAE is back in bf16 afterwards, weights unchanged."""
+    import dynamicrafter.pipeline as pipeline
+
+    model = build_random(tiny_config(get_preset("512").model_config()), 0, dtype=torch.bfloat16)
+    weights = {k: v.clone() for k, v in model.vae.state_dict().items()}
+    latents = torch.randn(1, 4, 6, 8, 8, generator=torch.Generator().manual_seed(0))
+    real_decode, calls = pipeline.vae_decode, []
+
+    def overflow_first_chunk(vae, z, scale):
+        calls.append(z.dtype)
+        out = real_decode(vae, z, scale)
+        return out.fill_(float("inf")) if len(calls) == 1 else out
+
+    monkeypatch.setattr(pipeline, "vae_decode", overflow_first_chunk)
+    with torch.no_grad():
+        video = pipeline.decode_latents(model, latents, chunk=4)
+    assert calls == [torch.bfloat16, torch.float32, torch.bfloat16]  # chunk 1 twice (bf16, then fp32), chunk 2 once
+    assert video.dtype == torch.float32 and torch.isfinite(video).all()
+    assert all(torch.equal(v, weights[k]) and v.dtype == torch.bfloat16 for k, v in model.vae.state_dict().items())

@@ -303,7 +303,8 @@ def run_jobs(
             video = animate(  # (B, 3, T, H, W)
                 net, torch.cat([j.start for j in group]), [j.item.prompt for j in group], first.settings,
                 [j.seed for j in group], end=torch.cat([j.end for j in group]) if first.mode == "interp" else None,
-                mode=first.mode, negative_prompts=[j.negative_prompt for j in group], callback=callback,
+                mode=first.mode, negative_prompts=[j.negative_prompt for j in group], keep_encoders=True,
+                callback=callback,
             )
             timings = {"load_s": load_s, "generate_s": (time.perf_counter() - started) / len(group)}
             for job, clip in zip(group, video):

@@ -9,9 +9,10 @@ and per-step figures are medians over the sampling run without its first step, w
 no compute.  Peak memory is ``torch.cuda.max_memory_allocated`` over the whole run on CUDA, and the peak resident
 set size of the process (``resource.getrusage``; it includes whatever the process held before) on the CPU.
 
-On CUDA two memory policies of the fast path are applied here: the text and image encoders (and the Resampler)
-leave the GPU once the conditioning is made (:func:`offload_encoders`), and the VAE decodes in chunks sized so
-that decoding does not raise the peak already reached while sampling (:func:`decode_within_peak`).
+On CUDA the pipeline's two memory policies apply, as in ``animate``: the text and image encoders (and the
+Resampler) leave the GPU once the conditioning is made (``pipeline.offload_encoders``), and the VAE decodes in
+chunks sized so that decoding does not raise the peak already reached while sampling
+(``pipeline.decode_within_peak``).
 
 Shape letters: B batch, T frames, H x W pixels, h x w latent.  ``unet_batch`` is the batch of one UNet call: B times
 the guidance branches (1-3), times the windows of a long video.
@@ -33,7 +34,9 @@ from . import __version__
 from .checkpoint import build_random, load_model
 from .models.dynamicrafter import DynamiCrafter
 from .models.unet import UNet3D
-from .pipeline import SamplingSettings, decode_latents, latent_shape, make_conditioning, sample, seeded_noise
+from .pipeline import (
+    SamplingSettings, decode_within_peak, latent_shape, make_conditioning, offload_encoders, sample, seeded_noise,
+)
 from .presets import Preset
 
 PROMPT = "a benchmark scene with gentle motion"
@@ -121,43 +124,6 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Memory policies of the fast path
-
-
-def offload_encoders(model: DynamiCrafter) -> None:
-    """Move the text and image towers and the Resampler to the CPU (they run once, before sampling)."""
-    device = next(model.unet.parameters()).device
-    if device.type != "cuda":
-        return
-    for tower in (model.text_encoder, model.image_encoder, model.image_proj):
-        tower.to("cpu")
-    torch.cuda.empty_cache()
-
-
-def decode_within_peak(model: DynamiCrafter, latents: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``decode_latents`` with the chunk size chosen by memory: (video (B, 3, T, H, W), frames per chunk).
-
-    On CUDA the first frame of every sample is decoded alone to measure the memory one frame needs; the rest goes in
-    the largest chunks that keep the allocation under the peak reached so far (sampling's) and within free memory,
-    at least one frame at a time.  Elsewhere the pipeline's default chunk is used.  Resets CUDA's peak-memory
-    statistics: a caller that wants the run's peak reads it before.
-    """
-    device = latents.device
-    if device.type != "cuda":
-        return decode_latents(model, latents), 4
-    b, t = latents.shape[0], latents.shape[2]
-    run_peak = torch.cuda.max_memory_allocated(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    first = decode_latents(model, latents[:, :, :1], chunk=b)  # (B, 3, 1, H, W)
-    per_frame = max((torch.cuda.max_memory_allocated(device) - base) / b, 1.0)
-    headroom = min(run_peak - torch.cuda.memory_allocated(device), torch.cuda.mem_get_info(device)[0])
-    chunk = max(1, min(b * (t - 1), int(headroom // per_frame))) if t > 1 else b
-    video = first if t == 1 else torch.cat([first, decode_latents(model, latents[:, :, 1:], chunk)], dim=2)
-    return video, chunk
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -295,7 +261,7 @@ def run_benchmark(spec: BenchSpec) -> BenchResult:
     build_s = _clock(device) - start
     shape = latent_shape(model, spec.batch, settings.frames, spec.height, spec.width)  # validates H and W
     if spec.compile:
-        model.unet = torch.compile(model.unet)
+        model.unet = model.unet.compiled()
 
     image = synthetic_image(spec.batch, spec.height, spec.width, spec.seed)
     start = _clock(device)

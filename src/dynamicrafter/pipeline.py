@@ -24,6 +24,7 @@ from .long_video import blend_weights, fuse_windows, noise_index, split_windows,
 from .models.dynamicrafter import DynamiCrafter
 from .models.encoders import vae_decode, vae_encode
 from .sampling import (
+    NonFiniteError,
     cfg_combine,
     ddim_coefficients,
     ddim_timesteps,
@@ -317,12 +318,74 @@ def seeded_noise(
 
 @torch.no_grad()
 def decode_latents(model: DynamiCrafter, latents: torch.Tensor, chunk: int = 4) -> torch.Tensor:
-    """Latents (B, 4, T, h, w) -> video (B, 3, T, H, W) float, unclamped; ``chunk`` frames per VAE call."""
+    """Latents (B, 4, T, h, w) -> video (B, 3, T, H, W) float32, unclamped; ``chunk`` frames per VAE call.
+
+    In fp16/bf16 a chunk whose frames come out NaN/inf (an overflow inside the VAE) is decoded again with the VAE
+    alone in fp32, then the VAE goes back to its dtype (exactly: the round trip through fp32 is lossless).
+    """
     b, c, t, h, w = latents.shape
     _, dtype = _device_dtype(model)
     flat = latents.to(dtype).permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # (B*T, 4, h, w)
-    frames = torch.cat([vae_decode(model.vae, part, model.cfg.diffusion.scale_factor) for part in flat.split(chunk)])
+    scale = model.cfg.diffusion.scale_factor
+    parts = []
+    for part in flat.split(chunk):
+        frames = vae_decode(model.vae, part, scale).float()
+        if dtype != torch.float32 and not torch.isfinite(frames).all():
+            model.vae.float()
+            try:
+                frames = vae_decode(model.vae, part.float(), scale)
+            finally:
+                model.vae.to(dtype)
+        parts.append(frames)
+    frames = torch.cat(parts)
     return frames.reshape(b, t, *frames.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, 3, T, H, W)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory policies (CUDA): encoders on the GPU only while encoding, VAE chunks sized by memory
+
+
+def _encoders(model: DynamiCrafter) -> tuple[torch.nn.Module, ...]:
+    return model.text_encoder, model.image_encoder, model.image_proj
+
+
+def bring_encoders(model: DynamiCrafter) -> None:
+    """Put the text and image towers and the Resampler back where the UNet is (after :func:`offload_encoders`)."""
+    device = next(model.unet.parameters()).device
+    for tower in _encoders(model):
+        tower.to(device)
+
+
+def offload_encoders(model: DynamiCrafter) -> None:
+    """On CUDA, move the text and image towers and the Resampler to the CPU: they run once, before sampling."""
+    if next(model.unet.parameters()).device.type != "cuda":
+        return
+    for tower in _encoders(model):
+        tower.to("cpu")
+    torch.cuda.empty_cache()
+
+
+def decode_within_peak(model: DynamiCrafter, latents: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``decode_latents`` with the chunk size chosen by memory: (video (B, 3, T, H, W), frames per chunk).
+
+    On CUDA the first frame of every sample is decoded alone to measure the memory one frame needs; the rest goes in
+    the largest chunks that keep the allocation under the peak reached so far (sampling's) and within free memory,
+    at least one frame at a time.  Elsewhere 4 frames per chunk.  Resets CUDA's peak-memory statistics: a caller
+    that wants the run's peak reads it before.
+    """
+    device = latents.device
+    if device.type != "cuda":
+        return decode_latents(model, latents), 4
+    b, t = latents.shape[0], latents.shape[2]
+    run_peak = torch.cuda.max_memory_allocated(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    first = decode_latents(model, latents[:, :, :1], chunk=b)  # (B, 3, 1, H, W)
+    per_frame = max((torch.cuda.max_memory_allocated(device) - base) / b, 1.0)
+    headroom = min(run_peak - torch.cuda.memory_allocated(device), torch.cuda.mem_get_info(device)[0])
+    chunk = max(1, min(b * (t - 1), int(headroom // per_frame))) if t > 1 else b
+    video = first if t == 1 else torch.cat([first, decode_latents(model, latents[:, :, 1:], chunk)], dim=2)
+    return video, chunk
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -352,21 +415,35 @@ def animate(
     end: torch.Tensor | None = None,
     mode: str = "i2v",
     negative_prompts: Sequence[str] | None = None,
-    decode_chunk: int = 4,
+    decode_chunk: int | None = None,
     window_batch: int | None = None,
+    keep_encoders: bool = False,
     callback: Progress | None = None,
 ) -> torch.Tensor:
     """Start (and end) images (B, 3, H, W) in [-1, 1], B prompts and B seeds -> video (B, 3, T', H, W) in [-1, 1].
 
     Any ``settings.frames``: up to ``settings.window`` one plain run, beyond it overlapping windows fused at every
     step with FreeNoise noise re-use (``window_batch`` windows per UNet batch; None: all).  T' = T - 1 for loop
-    (the last frame equals the first).
+    (the last frame equals the first).  On CUDA the encoders leave the GPU after encoding unless ``keep_encoders``
+    (a caller with more runs to make), and ``decode_chunk`` None sizes the VAE chunks by memory
+    (:func:`decode_within_peak`; 4 frames elsewhere).
     """
     device, dtype = _device_dtype(model)
     window_starts(settings.frames, settings.window, settings.stride)  # refuse bad windows before any work
+    bring_encoders(model)
     cond = make_conditioning(model, start, prompts, settings, end=end, mode=mode, negative_prompts=negative_prompts)
+    if not keep_encoders:
+        offload_encoders(model)
     shape = latent_shape(model, start.shape[0], settings.frames, start.shape[2], start.shape[3])
     x_T, noise_fn = seeded_noise(seeds, shape, device, dtype, window=settings.window, stride=settings.stride)
     latents = sample(model, cond, settings, x_T, noise_fn, callback, window_batch=window_batch)
-    video = decode_latents(model, latents, decode_chunk).clamp(-1.0, 1.0)
+    if not torch.isfinite(latents).all():
+        raise NonFiniteError(
+            f"sampling produced NaN/inf values in {str(dtype).removeprefix('torch.')}; "
+            "rerun with --dtype bf16 or --dtype fp32"
+        )
+    if decode_chunk is None:
+        video = decode_within_peak(model, latents)[0].clamp(-1.0, 1.0)
+    else:
+        video = decode_latents(model, latents, decode_chunk).clamp(-1.0, 1.0)
     return video[:, :, :-1] if mode == "loop" else video

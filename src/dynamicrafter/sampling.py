@@ -27,6 +27,10 @@ NoiseFn = Callable[[int, tuple[int, ...]], Tensor]
 SPACINGS = ("uniform", "uniform_trailing")
 
 
+class NonFiniteError(RuntimeError):
+    """A sampling result holds NaN or inf (a reduced-precision overflow)."""
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Schedule
 

@@ -17,6 +17,7 @@ from .. import __version__
 from ..checkpoint import CheckpointError
 from ..images import ImageError
 from ..presets import UnknownModelError
+from ..sampling import NonFiniteError
 from ..video import OutputError
 
 app = typer.Typer(
@@ -51,6 +52,7 @@ ERRORS: dict[type[BaseException], int] = {
     CheckpointError: EXIT_FAILED,
     MissingWeightsError: EXIT_FAILED,
     OutputError: EXIT_FAILED,
+    NonFiniteError: EXIT_FAILED,
     FileNotFoundError: EXIT_FAILED,
     ValueError: EXIT_FAILED,
 }

@@ -391,7 +391,15 @@ class UNet3D(nn.Module):
             image = image.reshape(-1, n_img, context.shape[2])  # (B·T, 16, D)
         return text, image if image.shape[1] > 0 else None
 
-    @torch.compiler.disable
+    def compiled(self) -> nn.Module:
+        """``torch.compile`` of this UNet, with the memoised conditioning (weak references, Python state) left eager.
+
+        (Not a decorator on ``_conditioning``: that would import ``torch._dynamo`` — about a second and 70 MB — in
+        every process that merely builds the network.)
+        """
+        self._conditioning = torch.compiler.disable(self._conditioning)
+        return torch.compile(self)
+
     def _conditioning(
         self, context: torch.Tensor, fs: torch.Tensor | None, t: int
     ) -> tuple[torch.Tensor | None, dict[CrossAttention, tuple]]:
