@@ -1,7 +1,6 @@
 """The command line as a user meets it: outputs, sidecars, resumable batches, and one-line errors for bad input."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -313,7 +312,7 @@ def test_lambda_values_batched_equal_one_run_per_value(frames):
     import torch
 
     from dynamicrafter.checkpoint import build_random
-    from dynamicrafter.cli.sweep import sweep_videos
+    from dynamicrafter.sweep import sweep_videos
     from dynamicrafter.presets import get_preset
 
     preset = get_preset("tiny")
@@ -324,9 +323,7 @@ def test_lambda_values_batched_equal_one_run_per_value(frames):
     net.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     videos = {}
     for size in (None, 1):
-        videos[size], used = sweep_videos(
-            net, start, None, "i2v", "waving", "", settings, 5, [0.0, 0.5, 1.0], [0, 1, 2, 3, 4, 5], size, lambda n: None
-        )
+        videos[size], used = sweep_videos(net, start, "waving", settings, 5, [0.0, 0.5, 1.0], [0, 1, 2, 3, 4, 5], batch_size=size)
         assert used == (size or 3)
     windows = 1 if frames == 16 else 2
     assert calls == [2 * 3 * windows] * 2 + [2 * windows] * 6  # all λ in each step's call, then one λ per call

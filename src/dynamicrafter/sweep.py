@@ -7,13 +7,18 @@ computed with the checkpoint's own vision tower and projection.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .config import UNetConfig
+from .pipeline import SamplingSettings, animate as run_animate, set_image_scale
+
+if TYPE_CHECKING:
+    from .models.dynamicrafter import DynamiCrafter
 
 LAYER_GROUPS = ("all", "input", "middle", "output")
 
@@ -128,3 +133,49 @@ def chart(values: Sequence[float], series: dict[str, Sequence[float]], size=(360
         draw.text((panel * w + 2, y0), f"{hi:.3g}", fill="black", font=font)
         draw.text((panel * w + 2, y1 - 12), f"{lo:.3g}", fill="black", font=font)
     return image
+
+
+def sweep_videos(
+    net: DynamiCrafter,
+    start: torch.Tensor,
+    prompt: str,
+    settings: SamplingSettings,
+    seed: int,
+    lambdas: Sequence[float],
+    blocks: Sequence[int],
+    *,
+    end: torch.Tensor | None = None,
+    negative_prompt: str = "",
+    batch_size: int | None = None,
+    advance: Callable[[int], object] = lambda done: None,
+) -> tuple[list[torch.Tensor], int]:
+    """One video (3, T, H, W) per λ, and the batch size that ran.
+
+    The λ values are the samples of one batch (``batch_size`` at a time; None: all), each with its own λ on
+    ``blocks`` (the other layers keep λ = 1) and the same seed, hence the same noise.  On a CUDA out-of-memory error
+    the batch is halved and the chunk retried.  ``start`` (and ``end``, interpolation) is (1, 3, H, W).
+    """
+    size = batch_size or len(lambdas)
+    videos: list = []
+    try:
+        while len(videos) < len(lambdas):
+            chunk = lambdas[len(videos) : len(videos) + size]
+            n = len(chunk)
+            set_image_scale(net, chunk, blocks)  # the other blocks keep λ = 1
+            try:
+                out = run_animate(
+                    net, start.expand(n, -1, -1, -1), [prompt] * n, settings, [seed] * n,
+                    end=None if end is None else end.expand(n, -1, -1, -1), mode="i2v" if end is None else "interp",
+                    negative_prompts=[negative_prompt] * n,
+                )
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                size = max(1, size // 2)
+                torch.cuda.empty_cache()
+                continue
+            videos.extend(out.unbind(0))
+            advance(n)
+    finally:
+        set_image_scale(net, 1.0)
+    return videos, size

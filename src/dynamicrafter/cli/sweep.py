@@ -48,7 +48,7 @@ def lambda_sweep(
     sheet, a chart, and the motion / input-conformity measures per λ."""
     from ..images import load_image, prepare_image
     from ..presets import get_preset
-    from ..sweep import chart, conformity, contact_sheet, grid_video, layer_indices, motion, parse_values
+    from ..sweep import chart, conformity, contact_sheet, grid_video, layer_indices, motion, parse_values, sweep_videos
     from ..video import atomic_path, ensure_writable_dir, video_to_uint8, write_frames, write_sidecar
 
     preset = get_preset(model)
@@ -69,7 +69,6 @@ def lambda_sweep(
     settings = sampling_settings(preset, steps, cfg, cfg_img, eta, fs)
     start = prepare_image(picture, preset.height, preset.width)
     end = prepare_image(end_picture, preset.height, preset.width) if end_picture is not None else None
-    mode = "interp" if end is not None else "i2v"
 
     timings: dict[str, float] = {}
     with timed(timings, "load_s"):
@@ -77,8 +76,8 @@ def lambda_sweep(
     with timed(timings, "generate_s"), progress_bar(quiet) as progress:
         task = progress.add_task(f"{len(lambdas)} λ values", total=len(lambdas))
         video, used_batch = sweep_videos(
-            net, start, end, mode, prompt, negative_prompt, settings, seed, lambdas, blocks, batch_size,
-            lambda done: progress.update(task, advance=done),
+            net, start, prompt, settings, seed, lambdas, blocks, end=end, negative_prompt=negative_prompt,
+            batch_size=batch_size, advance=lambda done: progress.update(task, advance=done),
         )
     clips = [video_to_uint8(v) for v in video]
     labels = [f"lambda={v:g}" for v in lambdas]
@@ -114,36 +113,3 @@ def lambda_sweep(
         console.print(table)
         console.print(f"[green]wrote[/] {out_dir}/grid.mp4, contact_sheet.png, chart.png, metrics.json", markup=True)
 
-
-def sweep_videos(net, start, end, mode, prompt, negative_prompt, settings, seed, lambdas, blocks, batch_size, advance):
-    """Videos (3, T, H, W) for every λ and the batch size that ran: the λ values run as samples of one batch (``batch_size`` at a time; all by
-    default), each with its own λ on ``blocks`` and the same seed, hence the same noise; on a CUDA out-of-memory
-    error the batch is halved and the chunk retried."""
-    import torch
-
-    from ..pipeline import animate as run_animate, set_image_scale
-
-    size = batch_size or len(lambdas)
-    videos: list = []
-    try:
-        while len(videos) < len(lambdas):
-            chunk = lambdas[len(videos) : len(videos) + size]
-            n = len(chunk)
-            set_image_scale(net, chunk, blocks)  # the other blocks keep λ = 1
-            try:
-                out = run_animate(
-                    net, start.expand(n, -1, -1, -1), [prompt] * n, settings, [seed] * n,
-                    end=None if end is None else end.expand(n, -1, -1, -1), mode=mode,
-                    negative_prompts=[negative_prompt] * n,
-                )
-            except torch.cuda.OutOfMemoryError:
-                if size == 1:
-                    raise
-                size = max(1, size // 2)
-                torch.cuda.empty_cache()
-                continue
-            videos.extend(out.unbind(0))
-            advance(n)
-    finally:
-        set_image_scale(net, 1.0)
-    return videos, size
