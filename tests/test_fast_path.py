@@ -43,6 +43,27 @@ def test_onednn_matmul_equals_f_linear() -> None:
     assert rel_err(linear(x.transpose(1, 2).contiguous().transpose(1, 2), w), F.linear(x, w)) < 1e-6
 
 
+def test_a_broken_onednn_op_falls_back_to_f_linear(monkeypatch) -> None:
+    """A torch release whose private oneDNN op fails or disagrees is detected once and not used."""
+    import dynamicrafter.models.attention as attention
+
+    class Broken:
+        @staticmethod
+        def _linear_pointwise(x, w, b, *rest):
+            raise RuntimeError("schema changed")
+
+    monkeypatch.setattr(torch.ops, "mkldnn", Broken())
+    attention._onednn_matmul.cache_clear()
+    try:
+        assert not attention._onednn_matmul()
+        x, w = torch.randn(2, 3, 8), torch.randn(4, 8)
+        assert torch.equal(linear(x, w), F.linear(x, w))
+    finally:
+        monkeypatch.undo()
+        attention._onednn_matmul.cache_clear()
+    assert attention._onednn_matmul() == (torch.backends.mkldnn.is_available())
+
+
 @pytest.mark.parametrize(("channels", "size", "stride", "kernel"), [(1024, 2, 1, 3), (1024, 4, 2, 3), (1024, 1, 1, 1)])
 def test_im2col_convolution_equals_f_conv2d(channels: int, size: int, stride: int, kernel: int) -> None:
     x, w, b = torch.randn(4, channels, size, size), torch.randn(8, channels, kernel, kernel) / 50, torch.randn(8)

@@ -50,7 +50,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal
 
 @functools.cache
 def _onednn_matmul() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether oneDNN's (private) fused linear op exists here and agrees with ``F.linear`` on a small probe: a
+    torch release that renames or changes it silently falls back to ``F.linear``."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 5, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(4, generator=g)
+    try:
+        with torch.no_grad():
+            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return got.shape == (3, 5, 4) and torch.allclose(got, F.linear(x, w, b), rtol=1e-4, atol=1e-5)
+    except (RuntimeError, TypeError):
+        return False
 
 
 def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
