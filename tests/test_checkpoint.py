@@ -107,9 +107,20 @@ def test_truncated_checkpoint(tmp_path):
         read_checkpoint(tmp_path / "cut.safetensors")
 
 
+@pytest.mark.parametrize("content", [b"hello world\n", bytes(range(256)) * 4, b"\x80\x04\x95garbage"])
+def test_files_that_are_no_checkpoint_give_a_clear_error(tmp_path, content):
+    """A text file, random bytes, a broken pickle: "not a PyTorch checkpoint", never a KeyError or a claim about
+    code objects (a text file used to raise KeyError: 101)."""
+    path = tmp_path / "x.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint") as info:
+        read_checkpoint(path)
+    assert "other than tensors" not in str(info.value)
+
+
 def test_pickle_with_code_is_refused(tmp_path):
     torch.save({"state_dict": {"x": torch.zeros(1)}, "extra": Path("/etc")}, tmp_path / "evil.ckpt")
-    with pytest.raises(CheckpointError, match="objects other than tensors"):
+    with pytest.raises(CheckpointError, match=r"objects other than tensors \(pathlib"):
         read_checkpoint(tmp_path / "evil.ckpt")
 
 

@@ -79,7 +79,28 @@ def test_other_formats(tmp_path, fmt, suffix):
     result = run("animate", EXAMPLE, "waving", *FAST, "--format", fmt, "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
     assert read_video(out).shape == (16, 128, 128, 3)
-    assert (tmp_path / "clip.json").exists() if suffix else (tmp_path / "clip.json").exists()
+    assert (tmp_path / "clip.json").exists()
+    if fmt == "png":  # the frame folder gets ordinary permissions, not mkdtemp's private 0700
+        import os
+
+        umask = os.umask(0)
+        os.umask(umask)
+        assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_out_suffix_and_format_must_agree(tmp_path, never_load):
+    one_line_error(run("animate", EXAMPLE, "waving", *FAST, "--out", tmp_path / "x.mp4", "--format", "gif"), 2,
+                   "means '.mp4' but --format is gif")
+    one_line_error(run("animate", EXAMPLE, "waving", *FAST, "--out", tmp_path / "frames", "--format", "mp4"), 2,
+                   "means a folder of PNG frames")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_sidecar_is_not_replaced_silently(tmp_path, never_load):
+    """clip.json of an earlier clip.mp4 would be rewritten by a run asking for clip.gif: refused without --overwrite."""
+    (tmp_path / "clip.json").write_text("{}")
+    one_line_error(run("animate", EXAMPLE, "waving", *FAST, "--out", tmp_path / "clip.gif"), 2, "the sidecar this run writes")
+    assert (tmp_path / "clip.json").read_text() == "{}"
 
 
 def test_samples_get_consecutive_seeds(tmp_path):
@@ -197,7 +218,7 @@ def test_batch_resumes_reports_and_shards(tmp_path):
     assert records["p0"]["prompt"] == "waves on the sea" and records["p1"]["prompt"] == "moving"
     from dynamicrafter.batch import item_seed
 
-    assert records["p2"]["seed"] == item_seed(123, "p2")
+    assert records["p2"]["seed"] == item_seed(123, "p2.jpg")
     result = run("batch", folder, "--prompt", "moving", "--out-dir", out, *FAST)
     assert "0 done, 3 skipped, 1 failed" in result.output
     shard1 = run("batch", folder, "--prompt", "m", "--out-dir", tmp_path / "s", *FAST, "--shard", "1/2", "--json")
@@ -250,6 +271,27 @@ def test_batch_manifest_and_interrupt(tmp_path, monkeypatch):
     records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
     assert records["p0"]["seed"] == 42 and records["p1"]["settings"]["steps"] == 4
     assert records["p1"]["prompt"] == "pan" and records["p2"]["prompt"] == "default"
+
+
+def test_batch_items_keep_their_seed_when_a_namesake_arrives(tmp_path):
+    """Adding a.jpg beside a.png renames a.png's output (a_png) but keeps its seed (from the photo's file name);
+    a manifest row whose photo is missing is an item that fails, not a silent skip."""
+    from dynamicrafter.batch import collect_items, seed_of
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (64, 64)).save(folder / "a.png")
+    before = {i.image.name: (i.name, seed_of(i, 7)) for i in collect_items(folder, prompt="x")}
+    Image.new("RGB", (64, 64)).save(folder / "a.jpg")
+    after = {i.image.name: (i.name, seed_of(i, 7)) for i in collect_items(folder, prompt="x")}
+    assert before["a.png"] == ("a", after["a.png"][1]) and after["a.png"][0] == "a_png" and after["a.jpg"][0] == "a_jpg"
+    assert after["a.png"][1] != after["a.jpg"][1]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,prompt\nghost.png,boo\n")
+    (folder / "a.jpg").unlink()
+    (folder / "a.png").unlink()
+    result = run("batch", folder, "--prompts", manifest, "--out-dir", tmp_path / "out", *FAST)
+    assert result.exit_code == 1 and "ghost.png" in result.output and "1 failed" in result.output, result.output
 
 
 def test_models_lists_presets():

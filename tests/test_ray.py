@@ -67,7 +67,7 @@ def test_ray_matches_local_batch(ray_batch, tmp_path):
     folder, out, result = ray_batch
     rows = summary(result)
     assert [rows[f"p{i}.png"]["status"] for i in range(6)] == ["done"] * 6
-    assert all(rows[f"p{i}.png"]["seed"] == item_seed(11, f"p{i}") for i in range(6))
+    assert all(rows[f"p{i}.png"]["seed"] == item_seed(11, f"p{i}.png") for i in range(6))
     # The local batch with the thread count of a 1-CPU Ray worker (on CPU, torch's float reduction order depends on
     # it: otherwise ~0.1% of the values differ by 1 of 255).
     torch.set_num_threads(1)
@@ -81,7 +81,7 @@ def test_ray_matches_local_batch(ray_batch, tmp_path):
         assert frames.shape == (16, 128, 128, 3)
         assert np.array_equal(frames, read_video(tmp_path / "local" / f"p{i}"))
         record = json.loads((out / f"p{i}.json").read_text())
-        assert record["seed"] == item_seed(11, f"p{i}") and record["settings"]["steps"] == 2
+        assert record["seed"] == item_seed(11, f"p{i}.png") and record["settings"]["steps"] == 2
     no_partials(out)
 
 

@@ -97,14 +97,15 @@ class Job:
 
 
 def item_seed(run_seed: int, name: str) -> int:
-    """A stable 31-bit seed from the run's seed and the item's name."""
+    """A stable 31-bit seed from the run's seed and the item's photo file name (``p1.png``)."""
     digest = hashlib.sha256(f"{run_seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def seed_of(item: Item, run_seed: int) -> int:
-    """The item's own manifest seed, else :func:`item_seed` of the run's seed and its name."""
-    return int(item.overrides["seed"]) if "seed" in item.overrides else item_seed(run_seed, item.name)
+    """The item's own manifest seed, else :func:`item_seed` of the run's seed and its photo's file name (not the
+    output name, which another photo with the same stem can change)."""
+    return int(item.overrides["seed"]) if "seed" in item.overrides else item_seed(run_seed, item.image.name)
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -151,10 +152,17 @@ def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def collect_items(folder: Path, prompt: str | None = None, manifest: Path | None = None) -> list[Item]:
-    """Every image of ``folder`` with its prompt: manifest row, else ``<stem>.txt`` beside it, else ``prompt``."""
+    """Every image of ``folder`` with its prompt: manifest row, else ``<stem>.txt`` beside it, else ``prompt``.
+
+    A manifest row whose photo is not in the folder is an item too (it fails, and the summary says why).  Outputs
+    are named after the photo's stem; photos sharing a stem (``a.png``, ``a.jpg``) keep their suffix (``a_png``).
+    """
     rows = read_manifest(manifest) if manifest else {}
+    images = find_images(folder)
+    present = {image.name for image in images}
+    missing = [folder / name for name in rows if name not in present]  # reported as failed items, never skipped
     items = []
-    for image in find_images(folder):
+    for image in images + missing:
         row = dict(rows.get(image.name, {}))
         text = row.pop("prompt", None)
         sidecar = image.with_suffix(".txt")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -62,14 +63,19 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the weights-only unpickler's notes on pickle protocols
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:  # not a pickle of tensors at all
+            raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint") from exc
         raise CheckpointError(
-            f"refusing to load {path}: it contains objects other than tensors (only weights-only checkpoints are "
-            f"loaded, so no code from the file runs)"
+            f"refusing to load {path}: it contains objects other than tensors ({found.group(1)}); only weights-only "
+            "checkpoints are loaded, so no code from the file runs"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"cannot read {path}: truncated or not a PyTorch checkpoint ({exc})") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"cannot read {path}: truncated or not a PyTorch checkpoint") from exc
     return unwrap_container(obj, path)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_PIXELS = 8192 * 8192  # decompression-bomb guard: larger images are refused
@@ -48,8 +48,10 @@ def load_image(path: str | Path) -> Image.Image:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large (decompression-bomb limit): {path}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"not a readable image (not a format Pillow knows, or not an image at all): {path}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"not a readable image ({exc.__class__.__name__}: {exc}): {path}") from exc
+        raise ImageError(f"not a readable image (truncated or corrupt: {str(exc).rstrip('.')}): {path}") from exc
     if min(rgb.size) < 2:
         raise ImageError(f"image too small ({rgb.width}x{rgb.height}): {path}")
     return rgb

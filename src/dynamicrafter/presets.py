@@ -45,6 +45,7 @@ class Preset:
     repo: str | None = None
     file: str | None = None
     sha256: str | None = None
+    weights_gb: float | None = None  # tensor bytes of the released checkpoint (what a download fetches, roughly)
     seed: int | None = None  # random-weight seed of built-in architectures
 
     @property

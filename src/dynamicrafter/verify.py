@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     console = Console()
+    if not args.scenario.is_dir():
+        console.print(f"[red]error:[/] scenario folder not found: {args.scenario}")
+        return 2
     if not (args.scenario / "scenario.json").is_file():
         console.print(f"[red]error:[/] no scenario.json in {args.scenario}")
         return 2

@@ -62,6 +62,10 @@ def atomic_path(final: Path, is_dir: bool = False) -> Iterator[Path]:
     target = tmp if is_dir else tmp / f"out{final.suffix}"
     try:
         yield target
+        if is_dir:  # mkdtemp made it private (0700); give it the permissions of any new folder
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(target, 0o777 & ~umask)
         if is_dir and final.exists():
             shutil.rmtree(final)
         os.replace(target, final)

@@ -26,7 +26,11 @@ def output_paths(image: Path, out: Path | None, fmt: str | None, samples: int) -
         raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if out is None:
         out = Path(image.stem if fmt == "png" else f"{image.stem}.{fmt or 'mp4'}")
-    fmt = fmt or format_for(out)
+    implied = format_for(out)
+    if fmt is not None and fmt != implied:
+        what = "a folder of PNG frames" if implied == "png" else f"'{out.suffix}'"
+        raise UsageError(f"--out {out} means {what} but --format is {fmt}; make them agree or drop --format")
+    fmt = implied
     if samples == 1:
         return [out], fmt
     return [out.with_name(f"{out.stem}_sample{i}{out.suffix}") for i in range(samples)], fmt
@@ -81,9 +85,14 @@ def animate(
     if samples < 1:
         raise UsageError(f"--samples must be at least 1 (got {samples})")
     outputs, fmt = output_paths(image, out, fmt, samples)
-    existing = [p for p in outputs if p.exists()]
-    if existing and not overwrite:
-        raise UsageError(f"{existing[0]} exists; pass --overwrite to replace it")
+    if not overwrite:
+        for path in outputs:
+            if path.exists():
+                raise UsageError(f"{path} exists; pass --overwrite to replace it")
+            if sidecar_path(path).exists():  # e.g. clip.json of an earlier clip.mp4 when asking for clip.gif
+                raise UsageError(
+                    f"{sidecar_path(path)} (the sidecar this run writes) exists; pass --overwrite or choose another --out"
+                )
     ensure_writable_dir(outputs[0].parent)
     check_checkpoint_path(checkpoint)
     torch_device, torch_dtype = resolve_device(device, dtype)

@@ -80,7 +80,7 @@ def load_for(preset: Preset, checkpoint: Path | None, device: str, dtype, quiet:
     if path is None:
         from .models import fetch_weights  # first run of a missing model: download when online
 
-        path = fetch_weights(preset, quiet=quiet)
+        path = fetch_weights(preset, quiet=quiet, for_command=True)
     with console.status(f"loading the {preset.name} model", spinner="dots") if not quiet else nullcontext():
         return load_model(cfg, path, device, dtype, expected_model=preset.name)
 

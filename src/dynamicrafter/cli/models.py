@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -32,8 +33,9 @@ def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def remote_file_info(repo: str, filename: str) -> tuple[int | None, str | None]:
-    """(size in bytes, LFS sha256) of a hub file; raises DownloadError when offline."""
+def remote_file_info(repo: str, filename: str, alternative: str = "") -> tuple[int | None, str | None]:
+    """(size in bytes, LFS sha256) of a hub file; raises DownloadError when offline (``alternative``: what else the
+    user can do, appended to the message)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import OfflineModeIsEnabled
 
@@ -44,7 +46,7 @@ def remote_file_info(repo: str, filename: str) -> tuple[int | None, str | None]:
     except Exception as exc:  # connection errors come in many types across huggingface_hub versions
         raise DownloadError(
             f"cannot reach the Hugging Face hub for {repo}/{filename} ({exc.__class__.__name__}); check the network "
-            f"and retry, or pass --checkpoint PATH"
+            f"and retry{alternative}"
         ) from None
     if info is None:
         raise DownloadError(f"{repo} has no file {filename}")
@@ -52,16 +54,21 @@ def remote_file_info(repo: str, filename: str) -> tuple[int | None, str | None]:
     return getattr(info, "size", None), getattr(lfs, "sha256", None) if lfs else None
 
 
-def fetch_weights(preset, directory: Path | None = None, quiet: bool = False) -> Path:
-    """Download a preset's checkpoint (resumable, disk-space checked, sha256 verified); returns its local path."""
+def fetch_weights(preset, directory: Path | None = None, quiet: bool = False, for_command: bool = False) -> Path:
+    """Download a preset's checkpoint (resumable, disk-space checked, sha256 verified); returns its local path.
+
+    ``for_command``: called by a command that generates (animate, batch, ...), whose errors may suggest
+    ``--checkpoint PATH``; ``download`` has no such option.
+    """
+    alternative = ", or pass --checkpoint PATH" if for_command else ""
     from huggingface_hub import hf_hub_download
 
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise DownloadError(
             f"the {preset.name} model is not on this machine and HF_HUB_OFFLINE is set; "
-            f"run `dynamicrafter download {preset.name}` while online, or pass --checkpoint PATH"
+            f"run `dynamicrafter download {preset.name}` while online{alternative}"
         )
-    size, lfs_sha = remote_file_info(preset.repo, preset.file)
+    size, lfs_sha = remote_file_info(preset.repo, preset.file, alternative)
     target_dir = directory or Path(os.environ.get("HF_HUB_CACHE", Path.home() / ".cache" / "huggingface"))
     target_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(target_dir).free
@@ -96,18 +103,19 @@ def models(as_json: JsonOpt = False) -> None:
         rows.append({
             "name": preset.name, "resolution": f"{preset.height}x{preset.width}", "frames": preset.frames,
             "mode": preset.mode, "local": "built in" if not preset.downloadable else ("yes" if path else "no"),
-            "size_gb": round(path.stat().st_size / 1e9, 2) if path else None,
+            "size_gb": round(path.stat().st_size / 1e9, 2) if path else preset.weights_gb,
             "path": str(path) if path else None, "description": preset.description,
         })
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
         return
-    table = Table(title="dynamicrafter models")
-    for column in ("name", "resolution", "frames", "mode", "local", "size (GB)", "description"):
-        table.add_column(column)
+    table = Table(title="dynamicrafter models", caption="GB: the local file, else the download", box=box.SIMPLE_HEAD)
+    for column in ("name", "resolution", "mode", "local", "GB"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("description", min_width=24)
     for r in rows:
-        table.add_row(r["name"], r["resolution"], str(r["frames"]), r["mode"], r["local"],
-                      "" if r["size_gb"] is None else f"{r['size_gb']:.2f}", r["description"])
+        table.add_row(r["name"], r["resolution"], r["mode"], r["local"],
+                      "—" if r["size_gb"] is None else f"{r['size_gb']:.1f}", r["description"])
     Console().print(table)
 
 
