@@ -94,6 +94,13 @@ def test_out_suffix_and_format_must_agree(tmp_path, never_load):
     one_line_error(run("animate", EXAMPLE, "waving", *FAST, "--out", tmp_path / "frames", "--format", "mp4"), 2,
                    "means a folder of PNG frames")
     assert list(tmp_path.iterdir()) == []
+    from dynamicrafter.cli.animate import output_paths
+
+    # dotted names: a frame folder may hold dots, a video suffix decides the format
+    assert output_paths(Path("photo.v2.jpg"), None, "png", 1) == ([Path("photo.v2")], "png")
+    assert output_paths(Path("p.jpg"), Path("lambda_0.5"), "png", 1) == ([Path("lambda_0.5")], "png")
+    assert output_paths(Path("photo.v2.jpg"), None, "gif", 1) == ([Path("photo.v2.gif")], "gif")
+    assert output_paths(Path("p.jpg"), Path("c.MP4"), None, 2)[1] == "mp4"
 
 
 def test_an_existing_sidecar_is_not_replaced_silently(tmp_path, never_load):
@@ -384,5 +391,6 @@ def test_non_finite_sampling_writes_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "sample", lambda *a, **k: torch.full((1, 4, 16, 16, 16), float("nan")))
     out = tmp_path / "clip.mp4"
-    one_line_error(run("animate", EXAMPLE, "waving", *FAST, "--out", out), 1, "rerun with --dtype bf16 or --dtype fp32")
+    one_line_error(run("animate", EXAMPLE, "waving", *FAST, "--out", out), 1, "in float32: the checkpoint or the settings")
+    one_line_error(run("animate", EXAMPLE, "waving", *FAST, "--out", out, "--dtype", "bf16"), 1, "in bfloat16; rerun with --dtype fp32")
     assert list(tmp_path.iterdir()) == []

@@ -150,3 +150,16 @@ def test_fast_paths_off_give_the_same_unet_output(unet, monkeypatch) -> None:
         unet._memo = None
         plain = unet(*args)
     assert rel_err(fast, plain) < 1e-5
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_huge_attention_batches_are_sliced_with_the_same_result(monkeypatch, shared: bool) -> None:
+    """Above MAX_SDPA_BATCH key sets, attention runs in slices (CUDA kernels of torch < 2.8 fail beyond 65535)."""
+    import dynamicrafter.models.attention as attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(12, 5, 16, generator=g)
+    k, v = (torch.randn(4 if shared else 12, 7, 16, generator=g) for _ in range(2))
+    whole = attention.attend(q, k, v, heads=2)
+    monkeypatch.setattr(attention, "MAX_SDPA_BATCH", 3)
+    assert torch.allclose(attention.attend(q, k, v, heads=2), whole, atol=1e-6)

@@ -157,6 +157,10 @@ def test_long_video_has_every_frame_and_no_seams():
 class PositionUNet(torch.nn.Module):
     """Stand-in UNet whose prediction is each frame's position inside its window: the worst case for seams."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # where and in which dtype it runs, like a real UNet
+
     def forward(self, x, timesteps, context, fs):
         b, _, t, h, w = x.shape
         return torch.arange(t, dtype=x.dtype).view(1, 1, t, 1, 1).expand(b, 4, t, h, w)

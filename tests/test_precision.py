@@ -147,3 +147,32 @@ def test_overflowing_reduced_precision_decode_is_redone_in_fp32(monkeypatch) -> 
     assert calls == [torch.bfloat16, torch.float32, torch.bfloat16]  # chunk 1 twice (bf16, then fp32), chunk 2 once
     assert video.dtype == torch.float32 and torch.isfinite(video).all()
     assert all(torch.equal(v, weights[k]) and v.dtype == torch.bfloat16 for k, v in model.vae.state_dict().items())
+
+
+def test_reduced_precision_sampling_keeps_the_ddim_state_in_fp32() -> None:
+    """Under a bf16 UNet the DDIM state and guidance stay float32 (bf16 would round sqrt(alpha) = 0.9995 to 1 at
+    every step); the UNet itself sees bf16 inputs."""
+    from dataclasses import replace
+
+    from dynamicrafter import pipeline
+
+    preset = get_preset("tiny")
+    model = build_random(preset.model_config(), 0, dtype=torch.bfloat16)
+    seen: list[torch.dtype] = []
+    model.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    sampled: list[torch.Tensor] = []
+    real_sample = pipeline.sample
+
+    def spy(*args, **kwargs):
+        sampled.append(real_sample(*args, **kwargs))
+        return sampled[-1]
+
+    settings = replace(sampling_settings(preset, steps=2), frames=4)
+    try:
+        pipeline.sample = spy
+        video = pipeline.animate(model, torch.zeros(1, 3, 64, 64), ["a cat"], settings, [0])
+    finally:
+        pipeline.sample = real_sample
+    assert seen == [torch.bfloat16] * 2 and sampled[0].dtype == torch.float32
+    assert video.dtype == torch.float32 and torch.isfinite(video).all()
+    assert pipeline.sampler_dtype(model) == torch.float32

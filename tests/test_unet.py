@@ -110,6 +110,35 @@ def test_one_lambda_per_sample_matches_the_reference_per_lambda() -> None:
     assert all(a.image_cross_attention_scale == 1.0 for a in unet.spatial_attentions())
 
 
+def test_per_sample_lambda_in_bf16_equals_the_scalar_path_and_any_number_works() -> None:
+    """In bf16 a per-sample λ of 0.3 must act as the float 0.3 does (not as 0.3 rounded to bf16, 0.30078125), and a
+    λ set to an int or a numpy number is a plain number."""
+    import copy
+
+    import numpy as np
+
+    cached, exp, inputs = load_scenario("i2v_512_style")
+    unet = copy.deepcopy(cached).to(torch.bfloat16)  # the cached fp32 network stays untouched
+    x = torch.cat([exp["probe_x_t"], exp["concat_latent"]], dim=1).repeat(2, 1, 1, 1, 1).bfloat16()
+    context = torch.cat([exp["text_emb"], exp["image_ctx"]], dim=1).repeat(2, 1, 1).bfloat16()
+    t, fs = torch.full((2,), inputs["probe_t"]), torch.full((2,), inputs["fs"])
+    with torch.no_grad():
+        unet.set_image_cross_attention_scale([0.3, 0.3])
+        batched = unet(x, t, context, fs)
+        unet.set_image_cross_attention_scale(0.3)
+        scalar = unet(x, t, context, fs)
+        unet.set_image_cross_attention_scale(0.5)
+        half = unet(x, t, context, fs)
+        for number in (np.float32(0.5), np.float64(0.5)):
+            for a in unet.spatial_attentions():
+                a.image_cross_attention_scale = number
+            assert torch.equal(unet(x, t, context, fs), half)
+        for a in unet.spatial_attentions():
+            a.image_cross_attention_scale = 0  # an int zero skips the image attention like 0.0
+        assert torch.isfinite(unet(x, t, context, fs)).all()
+    assert torch.equal(batched, scalar)
+
+
 TINY = dict(model_channels=32, channel_mult=(1, 2), attention_resolutions=(1, 2), num_res_blocks=1, context_dim=32,
             temporal_length=4)
 RARE = {

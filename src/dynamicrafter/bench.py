@@ -35,7 +35,8 @@ from .checkpoint import build_random, load_model
 from .models.dynamicrafter import DynamiCrafter
 from .models.unet import UNet3D
 from .pipeline import (
-    SamplingSettings, decode_within_peak, latent_shape, make_conditioning, offload_encoders, sample, seeded_noise,
+    SamplingSettings, decode_within_peak, latent_shape, make_conditioning, offload_encoders, sample, sampler_dtype,
+    seeded_noise,
 )
 from .presets import Preset
 
@@ -270,8 +271,9 @@ def run_benchmark(spec: BenchSpec) -> BenchResult:
     offload_encoders(model)
 
     seeds = [spec.seed + i for i in range(spec.batch)]
-    dtype = next(model.unet.parameters()).dtype
-    x_T, noise_fn = seeded_noise(seeds, shape, device, dtype, window=settings.window, stride=settings.stride)
+    x_T, noise_fn = seeded_noise(
+        seeds, shape, device, sampler_dtype(model), window=settings.window, stride=settings.stride
+    )
     calls: list[float] = []
     first_call: list = []
     stamps: list[float] = []

@@ -48,6 +48,8 @@ def load_image(path: str | Path) -> Image.Image:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large (decompression-bomb limit): {path}") from exc
+    except PermissionError as exc:
+        raise ImageError(f"cannot read image (permission denied): {path}") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"not a readable image (not a format Pillow knows, or not an image at all): {path}") from exc
     except (OSError, SyntaxError, ValueError) as exc:

@@ -75,6 +75,13 @@ def _device_dtype(model: DynamiCrafter) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
+def sampler_dtype(model: DynamiCrafter) -> torch.dtype:
+    """The dtype of the DDIM state (x_t, noise, step arithmetic): float32 under a fp16/bf16 UNet, whose rounding
+    would otherwise enter every step (in bf16, sqrt(alpha) = 0.9995 rounds to 1); otherwise the UNet's."""
+    dtype = _device_dtype(model)[1]
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 @torch.no_grad()
 def encode_text(model: DynamiCrafter, prompts: Sequence[str]) -> torch.Tensor:
     """Prompts -> text tokens (B, 77, C)."""
@@ -176,13 +183,14 @@ def guided_denoiser(
     if multi:
         contexts.append(cond.image_only_context)
     n = len(contexts)
+    dtype = _device_dtype(model)[1]
     context = torch.cat(contexts)  # (n*B, L, C)
     fs = cond.fs.repeat(n)  # (n*B,)
 
     def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:
-        xin = torch.cat([x, cond.concat.to(x.dtype)], dim=1).repeat(n, 1, 1, 1, 1)  # (n*B, 8, T, h, w)
+        xin = torch.cat([x.to(dtype), cond.concat.to(dtype)], dim=1).repeat(n, 1, 1, 1, 1)  # (n*B, 8, T, h, w)
         ts = torch.full((xin.shape[0],), t, dtype=torch.long, device=x.device)
-        outs = model.unet(xin, ts, context, fs).chunk(n)
+        outs = model.unet(xin, ts, context, fs).to(x.dtype).chunk(n)  # guidance in the sampler's dtype
         if not use_cfg:
             return outs[0]
         if multi:
@@ -317,8 +325,17 @@ def seeded_noise(
 
 
 @torch.no_grad()
+def _way_out(dtype: torch.dtype) -> str:
+    """The end of a NaN/inf message: the precision it happened in and what to try instead."""
+    if dtype == torch.float16:
+        return " in float16; rerun with --dtype bf16 or --dtype fp32"
+    if dtype == torch.bfloat16:
+        return " in bfloat16; rerun with --dtype fp32"
+    return f" in {str(dtype).removeprefix('torch.')}: the checkpoint or the settings produce them, not the precision"
+
+
 def decode_latents(model: DynamiCrafter, latents: torch.Tensor, chunk: int = 4) -> torch.Tensor:
-    """Latents (B, 4, T, h, w) -> video (B, 3, T, H, W) float32, unclamped; ``chunk`` frames per VAE call.
+    """Latents (B, 4, T, h, w) -> video (B, 3, T, H, W) float32 (float64 stays), unclamped; ``chunk`` frames per call.
 
     In fp16/bf16 a chunk whose frames come out NaN/inf (an overflow inside the VAE) is decoded again with the VAE
     alone in fp32, then the VAE goes back to its dtype (exactly: the round trip through fp32 is lossless).
@@ -329,14 +346,16 @@ def decode_latents(model: DynamiCrafter, latents: torch.Tensor, chunk: int = 4) 
     scale = model.cfg.diffusion.scale_factor
     parts = []
     for part in flat.split(chunk):
-        frames = vae_decode(model.vae, part, scale).float()
-        if dtype != torch.float32 and not torch.isfinite(frames).all():
-            model.vae.float()
+        frames = vae_decode(model.vae, part, scale)
+        if dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(frames).all():
             try:
+                model.vae.float()  # inside: a failure half-way must not leave the VAE in mixed dtypes
                 frames = vae_decode(model.vae, part.float(), scale)
             finally:
                 model.vae.to(dtype)
-        parts.append(frames)
+        if not torch.isfinite(frames).all():
+            raise NonFiniteError(f"the VAE decoded NaN/inf values{_way_out(dtype)}")
+        parts.append(frames if frames.dtype == torch.float64 else frames.float())
     frames = torch.cat(parts)
     return frames.reshape(b, t, *frames.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, 3, T, H, W)
 
@@ -435,13 +454,12 @@ def animate(
     if not keep_encoders:
         offload_encoders(model)
     shape = latent_shape(model, start.shape[0], settings.frames, start.shape[2], start.shape[3])
-    x_T, noise_fn = seeded_noise(seeds, shape, device, dtype, window=settings.window, stride=settings.stride)
+    x_T, noise_fn = seeded_noise(
+        seeds, shape, device, sampler_dtype(model), window=settings.window, stride=settings.stride
+    )
     latents = sample(model, cond, settings, x_T, noise_fn, callback, window_batch=window_batch)
     if not torch.isfinite(latents).all():
-        raise NonFiniteError(
-            f"sampling produced NaN/inf values in {str(dtype).removeprefix('torch.')}; "
-            "rerun with --dtype bf16 or --dtype fp32"
-        )
+        raise NonFiniteError(f"sampling produced NaN/inf values{_way_out(dtype)}")
     if decode_chunk is None:
         video = decode_within_peak(model, latents)[0].clamp(-1.0, 1.0)
     else:

@@ -147,35 +147,38 @@ def sweep_videos(
     end: torch.Tensor | None = None,
     negative_prompt: str = "",
     batch_size: int | None = None,
-    advance: Callable[[int], object] = lambda done: None,
+    callback: Callable[[int, int], object] | None = None,
 ) -> tuple[list[torch.Tensor], int]:
     """One video (3, T, H, W) per λ, and the batch size that ran.
 
     The λ values are the samples of one batch (``batch_size`` at a time; None: all), each with its own λ on
-    ``blocks`` (the other layers keep λ = 1) and the same seed, hence the same noise.  On a CUDA out-of-memory error
-    the batch is halved and the chunk retried.  ``start`` (and ``end``, interpolation) is (1, 3, H, W).
+    ``blocks`` (every other layer has λ = 1, and all are back at 1 afterwards) and the same seed, hence the same
+    noise.  On a CUDA out-of-memory error the batch is halved and the chunk retried.  The encoders stay where the
+    UNet is (the conformity measure uses the vision tower next); the videos come back on the CPU.  ``start`` (and ``end``,
+    interpolation) is (1, 3, H, W); ``callback(step, steps)`` follows the denoising of each chunk.
     """
-    size = batch_size or len(lambdas)
-    videos: list = []
+    size = min(batch_size or len(lambdas), len(lambdas))
+    videos: list[torch.Tensor] = []
+    set_image_scale(net, 1.0)
     try:
         while len(videos) < len(lambdas):
             chunk = lambdas[len(videos) : len(videos) + size]
             n = len(chunk)
-            set_image_scale(net, chunk, blocks)  # the other blocks keep λ = 1
+            set_image_scale(net, chunk, blocks)
             try:
                 out = run_animate(
                     net, start.expand(n, -1, -1, -1), [prompt] * n, settings, [seed] * n,
                     end=None if end is None else end.expand(n, -1, -1, -1), mode="i2v" if end is None else "interp",
-                    negative_prompts=[negative_prompt] * n,
+                    negative_prompts=[negative_prompt] * n, keep_encoders=True, callback=callback,
                 )
             except torch.cuda.OutOfMemoryError:
-                if size == 1:
+                if n == 1:
                     raise
-                size = max(1, size // 2)
-                torch.cuda.empty_cache()
+                size = n // 2
+            else:
+                videos.extend(out.cpu().unbind(0))  # finished videos leave the GPU
                 continue
-            videos.extend(out.unbind(0))
-            advance(n)
+            torch.cuda.empty_cache()  # outside the handler: the failed run's tensors are released by now
     finally:
         set_image_scale(net, 1.0)
     return videos, size

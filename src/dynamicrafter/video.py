@@ -53,6 +53,15 @@ def ensure_writable_dir(folder: Path) -> Path:
     return folder
 
 
+def _read_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()  # read once, at import: changing it later would race with other threads creating files
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``final`` (same suffix); on success rename it to ``final``, else remove it."""
@@ -63,9 +72,7 @@ def atomic_path(final: Path, is_dir: bool = False) -> Iterator[Path]:
     try:
         yield target
         if is_dir:  # mkdtemp made it private (0700); give it the permissions of any new folder
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(target, 0o777 & ~umask)
+            os.chmod(target, 0o777 & ~_UMASK)
         if is_dir and final.exists():
             shutil.rmtree(final)
         os.replace(target, final)

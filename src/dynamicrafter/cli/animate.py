@@ -26,11 +26,14 @@ def output_paths(image: Path, out: Path | None, fmt: str | None, samples: int) -
         raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if out is None:
         out = Path(image.stem if fmt == "png" else f"{image.stem}.{fmt or 'mp4'}")
-    implied = format_for(out)
-    if fmt is not None and fmt != implied:
-        what = "a folder of PNG frames" if implied == "png" else f"'{out.suffix}'"
-        raise UsageError(f"--out {out} means {what} but --format is {fmt}; make them agree or drop --format")
-    fmt = implied
+    if fmt is None:
+        fmt = format_for(out)
+    else:
+        suffix = out.suffix.lower().lstrip(".")
+        video = suffix in FORMATS and suffix != "png"
+        if (video and suffix != fmt) or (not video and fmt != "png"):  # a frame folder's name may hold dots
+            what = f"'{out.suffix}'" if video else "a folder of PNG frames"
+            raise UsageError(f"--out {out} means {what} but --format is {fmt}; make them agree or drop --format")
     if samples == 1:
         return [out], fmt
     return [out.with_name(f"{out.stem}_sample{i}{out.suffix}") for i in range(samples)], fmt

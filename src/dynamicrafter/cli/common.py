@@ -50,6 +50,8 @@ def resolve_device(device: str | None, dtype: str | None):
     dtype = dtype or ("fp16" if device.startswith("cuda") else "fp32")
     if dtype not in names:
         raise UsageError(f"unknown --dtype {dtype!r}; choose fp32, fp16 or bf16")
+    if dtype == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise UsageError("this GPU has no bf16 support; use --dtype fp16 or fp32")
     return device, names[dtype]
 
 

@@ -74,10 +74,10 @@ def lambda_sweep(
     with timed(timings, "load_s"):
         net = load_for(preset, checkpoint, torch_device, torch_dtype, quiet=quiet)
     with timed(timings, "generate_s"), progress_bar(quiet) as progress:
-        task = progress.add_task(f"{len(lambdas)} λ values", total=len(lambdas))
+        task = progress.add_task(f"denoising {len(lambdas)} λ values", total=None)
         video, used_batch = sweep_videos(
             net, start, prompt, settings, seed, lambdas, blocks, end=end, negative_prompt=negative_prompt,
-            batch_size=batch_size, advance=lambda done: progress.update(task, advance=done),
+            batch_size=batch_size, callback=lambda i, total: progress.update(task, completed=i + 1, total=total),
         )
     clips = [video_to_uint8(v) for v in video]
     labels = [f"lambda={v:g}" for v in lambdas]
@@ -112,4 +112,3 @@ def lambda_sweep(
             table.add_row(f"{r['lambda']:g}", f"{r['motion']:.4f}", f"{r['conformity']:.4f}", r["video"])
         console.print(table)
         console.print(f"[green]wrote[/] {out_dir}/grid.mp4, contact_sheet.png, chart.png, metrics.json", markup=True)
-

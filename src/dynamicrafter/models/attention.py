@@ -31,6 +31,11 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)  # (N, H, n, d) -> (N, n, H·d)
 
 
+# SDPA batches above 65535 fail on CUDA in torch < 2.8 ("invalid configuration argument", pytorch#146704): larger
+# batches are attended in slices of this many key sets.
+MAX_SDPA_BATCH = 32768
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
     """q (N, n, H·d) over k, v (G, m, H·d) -> (N, n, H·d); query sequences g·N/G … (g+1)·N/G − 1 use key set g.
 
@@ -41,6 +46,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal
     groups = k.shape[0]
     if n_seq % groups or (causal and groups != n_seq):
         raise ValueError(f"{n_seq} query sequences cannot share {groups} key sets{' causally' if causal else ''}")
+    if groups > MAX_SDPA_BATCH:  # e.g. temporal attention of a 1024 sweep: 10 x 9216 pixel sequences
+        per, step = n_seq // groups, MAX_SDPA_BATCH
+        return torch.cat([
+            attend(q[g * per : (g + step) * per], k[g : g + step], v[g : g + step], heads, causal)
+            for g in range(0, groups, step)
+        ])
     q = q.reshape(groups, -1, width)  # (G, N/G·n, H·d)
     out = F.scaled_dot_product_attention(
         _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads), is_causal=causal
@@ -120,8 +131,8 @@ class CrossAttention(nn.Module):
     The context is projected once per run by :meth:`project`: the text tokens through ``to_k``/``to_v`` and, with
     ``image_cross_attention``, the image tokens through ``to_k_ip``/``to_v_ip``; then
     ``out = Attn_text + λ·Attn_image`` (times ``tanh(alpha) + 1`` with the learnable gate) before ``to_out``, λ being
-    the attribute ``image_cross_attention_scale``: a float, or a 1-D tensor of one λ per sample (see :func:`per_row`).  Without image cross-attention the image tokens are
-    ignored.  ``relative_length`` adds the relative-position terms (temporal attention only); ``causal`` in
+    the attribute ``image_cross_attention_scale``: a number, or a 1-D float32 tensor of one λ per sample (see
+    :func:`per_row`).  Without image cross-attention the image tokens are ignored.  ``relative_length`` adds the relative-position terms (temporal attention only); ``causal`` in
     ``forward`` masks keys after the query (self-attention).
     """
 
@@ -194,11 +205,14 @@ class CrossAttention(nn.Module):
         k, v, k_image, v_image = context
         out = self._attend(q, k, v, causal)
         scale = self.image_cross_attention_scale
-        if k_image is not None and k_image.shape[1] > 0 and not (isinstance(scale, float) and scale == 0):
-            if isinstance(scale, float):
-                out_image = scale * self._attend(q, k_image, v_image, False)
-            else:  # one λ per sample: rows of the batch with text key set g belong to sample g mod S
-                out_image = self._attend(q, k_image, v_image, False) * per_row(scale, q.shape[0], k.shape[0]).to(q)
+        per_sample = isinstance(scale, torch.Tensor)
+        if k_image is not None and k_image.shape[1] > 0 and (per_sample or scale != 0):
+            out_image = self._attend(q, k_image, v_image, False)
+            if per_sample:  # rows with text key set g belong to sample g mod S; λ stays float32, as a float does
+                rows = per_row(scale.to(q.device, torch.float32), q.shape[0], k.shape[0])
+                out_image = (out_image * rows).to(q.dtype)
+            else:
+                out_image = float(scale) * out_image
             out = out + (out_image if self.alpha is None else out_image * (torch.tanh(self.alpha) + 1))
         return self.to_out(out)
 
