@@ -53,6 +53,17 @@ def test_console_script_is_installed():
     assert any(ep.name == "dynamicrafter" and ep.value == "dynamicrafter.cli:app" for ep in entry_points(group="console_scripts"))
 
 
+def test_starting_the_cli_imports_no_heavy_library():
+    """``dynamicrafter --help`` used to take 4 s importing torch, transformers and diffusers: the commands import
+    them only when they run."""
+    import subprocess
+    import sys
+
+    code = "import sys, dynamicrafter.cli; print(sorted({'torch', 'transformers', 'diffusers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_animate_writes_video_and_sidecar(tmp_path):
     out = tmp_path / "clip.mp4"
     result = run("animate", EXAMPLE, "an astronaut waving", *FAST, "--out", out, "--seed", 7, "--json")

@@ -9,10 +9,13 @@ original does not pad (wider than the target, or already the target size) the tw
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_PIXELS = 8192 * 8192  # decompression-bomb guard: larger images are refused
@@ -69,6 +72,8 @@ def cover_size(size: tuple[int, int], height: int, width: int) -> tuple[int, int
 
 def prepare_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
     """Scale to cover (height, width) with PIL bilinear, centre-crop, map to [-1, 1]: (1, 3, height, width)."""
+    import torch  # here, not at the top: starting the CLI (``--help``, validating photos) needs no torch
+
     if image.size != (width, height):
         new_w, new_h = cover_size(image.size, height, width)
         if (new_w, new_h) != image.size:

@@ -14,11 +14,6 @@ import typer
 from rich.console import Console
 
 from .. import __version__
-from ..checkpoint import CheckpointError
-from ..images import ImageError
-from ..presets import UnknownModelError
-from ..sampling import NonFiniteError
-from ..video import OutputError
 
 app = typer.Typer(
     name="dynamicrafter",
@@ -44,18 +39,30 @@ class MissingWeightsError(FileNotFoundError):
     """A preset whose weights are not on this machine."""
 
 
-# Exception type -> exit code; anything else is a bug and keeps its traceback.
-ERRORS: dict[type[BaseException], int] = {
-    UsageError: EXIT_USAGE,
-    UnknownModelError: EXIT_USAGE,
-    ImageError: EXIT_FAILED,
-    CheckpointError: EXIT_FAILED,
-    MissingWeightsError: EXIT_FAILED,
-    OutputError: EXIT_FAILED,
-    NonFiniteError: EXIT_FAILED,
-    FileNotFoundError: EXIT_FAILED,
-    ValueError: EXIT_FAILED,
-}
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code of an expected failure; None for anything else (a bug, which keeps its traceback).
+
+    The error classes are imported here, when an error happens, so that starting the CLI (``--help``) does not
+    import the networks and their libraries.
+    """
+    from ..checkpoint import CheckpointError
+    from ..images import ImageError
+    from ..presets import UnknownModelError
+    from ..sampling import NonFiniteError
+    from ..video import OutputError
+
+    errors: dict[type[BaseException], int] = {
+        UsageError: EXIT_USAGE,
+        UnknownModelError: EXIT_USAGE,
+        ImageError: EXIT_FAILED,
+        CheckpointError: EXIT_FAILED,
+        MissingWeightsError: EXIT_FAILED,
+        OutputError: EXIT_FAILED,
+        NonFiniteError: EXIT_FAILED,
+        FileNotFoundError: EXIT_FAILED,
+        ValueError: EXIT_FAILED,
+    }
+    return next((code for kind, code in errors.items() if isinstance(exc, kind)), None)
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
@@ -77,10 +84,10 @@ def handle_errors(command: F) -> F:
             raise
         except KeyboardInterrupt:
             raise fail("interrupted; no partial output was left behind", EXIT_INTERRUPTED) from None
-        except tuple(ERRORS) as exc:
-            if state["debug"]:
+        except Exception as exc:
+            code = exit_code(exc)
+            if code is None or state["debug"]:
                 raise
-            code = next(c for t, c in ERRORS.items() if isinstance(exc, t))
             raise fail(str(exc), code) from None
 
     return wrapper  # type: ignore[return-value]

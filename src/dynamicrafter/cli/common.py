@@ -6,14 +6,16 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from .. import __version__
-from ..pipeline import SamplingSettings
-from ..presets import Preset
 from .app import UsageError, console
+
+if TYPE_CHECKING:  # the pipeline imports the networks and their libraries: only when a command runs
+    from ..pipeline import SamplingSettings
+    from ..presets import Preset
 
 # Option aliases shared by animate, batch and lambda-sweep.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model preset (see `dynamicrafter models`).")]
@@ -97,6 +99,7 @@ def sampling_settings(
     frames: int | None = None,
 ) -> SamplingSettings:
     """The preset's sampler defaults with the user's overrides, validated (bad step counts refused now)."""
+    from ..pipeline import SamplingSettings
     from ..sampling import ddim_timesteps
 
     settings = SamplingSettings(
