@@ -127,7 +127,7 @@ def test_pickle_with_code_is_refused(tmp_path):
 def test_missing_key_is_named():
     sd = dict(read_checkpoint(TINY_256))
     del sd["model.diffusion_model.out.2.weight"]
-    with pytest.raises(CheckpointError, match=r"1 missing keys \(unet.out.2.weight\)"):
+    with pytest.raises(CheckpointError, match=r"1 missing key \(unet.out.2.weight\)"):
         load_state(build_skeleton(tiny_cfg("i2v_256_style")), sd)
 
 

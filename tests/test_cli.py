@@ -310,6 +310,8 @@ def test_batch_items_keep_their_seed_when_a_namesake_arrives(tmp_path):
     (folder / "a.png").unlink()
     result = run("batch", folder, "--prompts", manifest, "--out-dir", tmp_path / "out", *FAST)
     assert result.exit_code == 1 and "ghost.png" in result.output and "1 failed" in result.output, result.output
+    quiet = run("batch", folder, "--prompts", manifest, "--out-dir", tmp_path / "out", *FAST, "-q")
+    assert quiet.exit_code == 1 and quiet.output.strip() == f"error: ghost.png: image not found: {folder / 'ghost.png'}"
 
 
 def test_models_lists_presets():
@@ -363,6 +365,62 @@ def test_lambda_sweep_outputs_and_measures(tmp_path):
     assert sheet.size == (3 * 128, 2 * (128 + 20))
     assert Image.open(out / "chart.png").size[0] > 0
     one_line_error(run("lambda-sweep", EXAMPLE, "waving", *FAST, "--layers", "99", "--out-dir", out), 2, "between 0 and 15")
+    assert record["results"][0]["video"] == "lambda_0.mp4"  # relative to the sweep folder, which may move
+    # --overwrite with other values removes the videos of λ values no longer swept, and nothing else
+    (out / "notes.txt").write_text("mine")
+    result = run("lambda-sweep", EXAMPLE, "waving", *FAST, "--values", "1", "--out-dir", out, "--overwrite", "-q")
+    assert result.exit_code == 0, result.output
+    assert not (out / "lambda_0.mp4").exists() and (out / "lambda_1.mp4").exists() and (out / "notes.txt").exists()
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ("0,0", "lists 0 more than once"), ("0,,1", "empty entry"), ("nan,1", "finite"), ("", "empty"), ("a", "numbers"),
+])
+def test_lambda_values_are_checked_first(tmp_path, never_load, values, message):
+    out = tmp_path / "sweep"
+    one_line_error(run("lambda-sweep", EXAMPLE, "waving", *FAST, "--values", values, "--out-dir", out), 2, message)
+
+
+def test_option_values_get_one_line_errors(tmp_path, never_load):
+    """Click's own errors (a missing argument, a wrong type, an out-of-range value) and ours read alike: one line,
+    exit 2, nothing written."""
+    one_line_error(run("animate", EXAMPLE), 2, "Missing argument")
+    one_line_error(run("animate", EXAMPLE, "x", "--steps", "abc"), 2, "--steps")
+    one_line_error(run("lambda-sweep", EXAMPLE, "x", "--batch-size", "0"), 2, "--batch-size")
+    for fps in ("0", "-3"):
+        one_line_error(run("animate", EXAMPLE, "x", *FAST, "--fps", fps, "--out", tmp_path / "a.gif"), 2, "--fps must be")
+    one_line_error(run("animate", EXAMPLE, "x", *FAST, "--cfg", "nan", "--out", tmp_path / "a.mp4"), 2, "--cfg must be")
+    one_line_error(run("animate", EXAMPLE, "x", *FAST, "--out", tmp_path / "w.txt"), 2, "unsupported output type")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_never_replaces_a_folder_of_other_files(tmp_path, monkeypatch, never_load):
+    work = tmp_path / "mywork"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    one_line_error(run("animate", EXAMPLE, "x", *FAST, "--out", work, "--format", "png", "--overwrite"), 2,
+                   "refusing to replace folder")
+    monkeypatch.chdir(work)
+    one_line_error(run("animate", EXAMPLE, "x", *FAST, "--out", ".", "--format", "png", "--overwrite"), 2,
+                   "cannot write an output to .")
+    assert [p.name for p in work.iterdir()] == ["notes.txt"]
+
+
+def test_a_frame_folder_is_replaced_only_once_the_new_one_is_complete(tmp_path):
+    from dynamicrafter.video import OutputError, atomic_path, write_frames
+
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    folder = write_frames(frames, tmp_path / "clip.v2", 8, "png")
+    assert sorted(p.name for p in folder.iterdir()) == ["frame_0000.png", "frame_0001.png"]
+    assert common.sidecar_path(folder).name == "clip.v2.json"  # a dotted folder keeps its whole name
+    with pytest.raises(OutputError):
+        with atomic_path(folder, is_dir=True) as tmp:
+            (tmp / "frame_0000.png").write_bytes(b"new")
+            raise OSError(28, "No space left on device")
+    assert sorted(p.name for p in folder.iterdir()) == ["frame_0000.png", "frame_0001.png"]  # the old one stays
+    write_frames(frames[:1], folder, 8, "png")
+    assert [p.name for p in folder.iterdir()] == ["frame_0000.png"]
+    no_partials(tmp_path)
 
 
 @pytest.mark.parametrize("frames", [16, 24])

@@ -160,6 +160,13 @@ def convert_checkpoint(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict
     return out
 
 
+def hint(sd: Mapping[str, torch.Tensor]) -> str:
+    """The hint of a load error: which model the original-layout state dict looks like."""
+    if "model.diffusion_model.input_blocks.0.0.weight" not in sd:
+        return "Hint: this is not a DynamiCrafter checkpoint (no model.diffusion_model.* weights)."
+    return f"Hint: this looks like {identify(sd)}."
+
+
 def identify(sd: Mapping[str, torch.Tensor]) -> str:
     """A short guess of which model an original-layout state dict holds, for error hints."""
     probe = "model.diffusion_model.input_blocks.0.0.weight"
@@ -180,9 +187,9 @@ def identify(sd: Mapping[str, torch.Tensor]) -> str:
     return "a 512/1024 model"
 
 
-def _summarise(kind: str, keys: list[str], limit: int = 4) -> str:
+def _summarise(one: str, many: str, keys: list[str], limit: int = 4) -> str:
     shown = ", ".join(keys[:limit]) + (f", … (+{len(keys) - limit})" if len(keys) > limit else "")
-    return f"{len(keys)} {kind} ({shown})"
+    return f"{len(keys)} {one if len(keys) == 1 else many} ({shown})"
 
 
 def check_state_dict(
@@ -198,11 +205,11 @@ def check_state_dict(
     )
     problems = []
     if missing:
-        problems.append(_summarise("missing keys", missing))
+        problems.append(_summarise("missing key", "missing keys", missing))
     if unexpected:
-        problems.append(_summarise("unexpected keys", unexpected))
+        problems.append(_summarise("unexpected key", "unexpected keys", unexpected))
     if mismatched:
-        problems.append(_summarise("shape mismatches", mismatched))
+        problems.append(_summarise("shape mismatch", "shape mismatches", mismatched))
     return problems
 
 
@@ -254,9 +261,8 @@ def load_state(
     converted = convert_checkpoint(sd, model.cfg)
     problems = check_state_dict(converted, model.state_dict())
     if problems:
-        looks = identify(sd)
         want = f"the {expected_model} model" if expected_model else "the chosen configuration"
-        raise CheckpointError(f"{source} does not fit {want}: {'; '.join(problems)}. Hint: this looks like {looks}.")
+        raise CheckpointError(f"{source} does not fit {want}: {'; '.join(problems)}. {hint(sd)}")
     cast = {
         key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
         for key, value in converted.items()

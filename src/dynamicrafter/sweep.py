@@ -7,6 +7,7 @@ computed with the checkpoint's own vision tower and projection.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -46,12 +47,22 @@ def layer_indices(cfg: UNetConfig, spec: str) -> list[int]:
 
 
 def parse_values(text: str) -> list[float]:
+    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0]: finite, distinct numbers, no empty entries."""
+    example = "e.g. 0,0.5,1"
+    parts = [v.strip() for v in text.split(",")]
+    if not any(parts):
+        raise ValueError(f"--values is empty ({example})")
+    if not all(parts):
+        raise ValueError(f"--values has an empty entry in {text!r} ({example})")
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in parts]
     except ValueError:
-        raise ValueError(f"--values must be numbers separated by commas, e.g. 0,0.5,1 (got {text!r})") from None
-    if not values:
-        raise ValueError("--values is empty")
+        raise ValueError(f"--values must be numbers separated by commas, {example} (got {text!r})") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"--values must be finite numbers (got {text!r})")
+    repeated = sorted({f"{v:g}" for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"--values lists {', '.join(repeated)} more than once")
     return values
 
 

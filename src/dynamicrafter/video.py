@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -53,29 +54,47 @@ def ensure_writable_dir(folder: Path) -> Path:
     return folder
 
 
-def _read_umask() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
+FRAME_NAME = re.compile(r"frame_\d{4}\.png")
 
 
-_UMASK = _read_umask()  # read once, at import: changing it later would race with other threads creating files
+def check_replaceable(final: Path) -> None:
+    """Raise OutputError unless ``final`` may be replaced by an output: a file, a missing path, or a frame folder
+    this tool wrote (nothing but ``frame_NNNN.png`` files).  Never the current folder or one holding anything else.
+    """
+    final = Path(final)
+    if final.name in ("", ".", ".."):
+        raise OutputError(f"cannot write an output to {final or '.'}: name a file or a new folder")
+    if final.is_dir():
+        others = [p.name for p in final.iterdir() if not FRAME_NAME.fullmatch(p.name)]
+        if others:
+            raise OutputError(f"refusing to replace folder {final}: it holds other files ({others[0]}, ...)")
 
 
 @contextlib.contextmanager
 def atomic_path(final: Path, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final`` (same suffix); on success rename it to ``final``, else remove it."""
+    """Yield a temporary sibling of ``final`` (same suffix); on success rename it to ``final``, else remove it.
+
+    A frame folder being replaced (see :func:`check_replaceable`) is moved aside first and deleted only once the new
+    one is in place; on failure it is put back.
+    """
     final = Path(final)
+    check_replaceable(final)
     parent = ensure_writable_dir(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
-    target = tmp if is_dir else tmp / f"out{final.suffix}"
+    target = tmp / "out" if is_dir else tmp / f"out{final.suffix}"
+    if is_dir:
+        target.mkdir(mode=0o777)  # the permissions of any new folder (mkdtemp's own are private)
+    old = tmp / "old"
     try:
         yield target
-        if is_dir:  # mkdtemp made it private (0700); give it the permissions of any new folder
-            os.chmod(target, 0o777 & ~_UMASK)
-        if is_dir and final.exists():
-            shutil.rmtree(final)
-        os.replace(target, final)
+        if final.is_dir():
+            os.replace(final, old)
+        try:
+            os.replace(target, final)
+        except OSError:
+            if old.exists():
+                os.replace(old, final)
+            raise
     except OSError as exc:
         raise OutputError(f"could not write {final}: {exc.strerror or exc}") from exc
     finally:

@@ -13,21 +13,24 @@ import typer
 from .app import UsageError, app, console, handle_errors
 from .common import (
     CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, FpsOpt, FsOpt, JsonOpt, LambdaOpt,
-    ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path, check_prompt,
-    load_for, make_record, progress_bar, resolve_device, sampling_settings, sidecar_path, timed,
+    ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path, check_fps,
+    check_prompt, load_for, make_record, progress_bar, resolve_device, sampling_settings, sidecar_path, timed,
 )
 
 
 def output_paths(image: Path, out: Path | None, fmt: str | None, samples: int) -> tuple[list[Path], str]:
     """Final output paths (one per sample) and the format; refuses unknown formats."""
-    from ..video import FORMATS, format_for
+    from ..video import FORMATS, OutputError, format_for
 
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if out is None:
         out = Path(image.stem if fmt == "png" else f"{image.stem}.{fmt or 'mp4'}")
     if fmt is None:
-        fmt = format_for(out)
+        try:
+            fmt = format_for(out)
+        except OutputError as exc:
+            raise UsageError(str(exc)) from None
     else:
         suffix = out.suffix.lower().lstrip(".")
         video = suffix in FORMATS and suffix != "png"
@@ -75,7 +78,7 @@ def animate(
     from ..long_video import window_starts
     from ..pipeline import animate as run_animate, set_image_scale
     from ..presets import get_preset
-    from ..video import ensure_writable_dir, video_to_uint8, write_frames, write_sidecar
+    from ..video import OutputError, check_replaceable, ensure_writable_dir, video_to_uint8, write_frames, write_sidecar
 
     # 1. Validate every input before the model loads.
     preset = get_preset(model)
@@ -88,6 +91,11 @@ def animate(
     if samples < 1:
         raise UsageError(f"--samples must be at least 1 (got {samples})")
     outputs, fmt = output_paths(image, out, fmt, samples)
+    for path in outputs:
+        try:
+            check_replaceable(path)  # even with --overwrite: never a folder of other files, never "."
+        except OutputError as exc:
+            raise UsageError(str(exc)) from None
     if not overwrite:
         for path in outputs:
             if path.exists():
@@ -100,6 +108,7 @@ def animate(
     check_checkpoint_path(checkpoint)
     torch_device, torch_dtype = resolve_device(device, dtype)
     settings = sampling_settings(preset, steps, cfg, cfg_img, eta, fs, frames)
+    check_fps(fps)
     settings = replace(
         settings,
         window=settings.window if window is None else window,

@@ -6,12 +6,15 @@ becomes one red line on stderr and a non-zero exit code (``dynamicrafter --debug
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .. import __version__
 
@@ -63,6 +66,17 @@ def exit_code(exc: BaseException) -> int | None:
         ValueError: EXIT_FAILED,
     }
     return next((code for kind, code in errors.items() if isinstance(exc, kind)), None)
+
+
+def _one_line_usage_error(self, file=None) -> None:
+    """Click's own usage errors (a missing argument, a value of the wrong type) as one line, like every other
+    error, instead of the usage block and a framed message."""
+    console.print(f"[bold red]error:[/] {escape(self.format_message())} (see --help)", markup=True)
+
+
+for _module in ("typer._click.exceptions", "click.exceptions"):  # typer vendors click in recent versions
+    with contextlib.suppress(ImportError):
+        importlib.import_module(_module).UsageError.show = _one_line_usage_error
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:

@@ -27,8 +27,8 @@ from ..ray_engine import ClusterTooSmallError
 from .app import EXIT_FAILED, EXIT_INTERRUPTED, UsageError, app, console, handle_errors
 from .common import (
     CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, FpsOpt, FsOpt, JsonOpt, LambdaOpt,
-    ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path, load_for,
-    progress_bar, resolve_device, sampling_settings,
+    ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path, check_fps,
+    load_for, progress_bar, resolve_device, sampling_settings,
 )
 
 ENGINES = ("local", "ray")
@@ -151,6 +151,7 @@ def batch(
     options = {k: v for k, v in dict(steps=steps, cfg=cfg, cfg_img=cfg_img, eta=eta, fs=fs, frames=frames,
                                      negative_prompt=negative_prompt, image_scale=image_scale).items() if v is not None}
     sampling_settings(preset, steps, cfg, cfg_img, eta, fs, frames)  # refuse bad global options before any work
+    check_fps(fps)
     spec = BatchSpec(model=model, out_dir=out_dir, fmt=fmt, seed=seed, options=options, checkpoint=checkpoint,
                      device=device, dtype=dtype, fps=fps, batch_size=batch_size, overwrite=overwrite)
 
@@ -182,8 +183,11 @@ def batch(
         sys.stdout.write(json.dumps([{"image": str(o.item.image), "status": o.status, "seed": o.seed,
                                       "output": str(o.output) if o.output else None, "error": o.error}
                                      for o in ordered]) + "\n")
-    elif not quiet or failed:
+    elif not quiet:
         console.print(summary_table(ordered))
+    else:  # --quiet: the errors only, one line each
+        for o in failed:
+            console.print(f"[bold red]error:[/] {escape(o.item.image.name)}: {escape(o.error or 'failed')}", markup=True)
     counts = {s: sum(o.status == s for o in ordered) for s in ("done", "skipped", "failed")}
     if not quiet:
         console.print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")

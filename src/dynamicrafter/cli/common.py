@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
@@ -112,6 +113,9 @@ def sampling_settings(
         timestep_spacing=preset.timestep_spacing,
         frames=preset.frames if frames is None else frames,
     )
+    for name, value in (("--cfg", settings.cfg_scale), ("--cfg-img", settings.cfg_img), ("--eta", settings.eta)):
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{name} must be a finite number (got {value})")
     if settings.steps < 1:
         raise UsageError(f"--steps must be at least 1 (got {settings.steps})")
     if settings.eta < 0:
@@ -125,6 +129,12 @@ def sampling_settings(
     return settings
 
 
+def check_fps(fps: int | None) -> None:
+    """The frame rate of the written video, when given: a positive number."""
+    if fps is not None and fps < 1:
+        raise UsageError(f"--fps must be at least 1 (got {fps})")
+
+
 def check_prompt(prompt: str) -> None:
     from ..tokenizer import get_tokenizer
 
@@ -135,8 +145,10 @@ def check_prompt(prompt: str) -> None:
 
 
 def sidecar_path(output: Path) -> Path:
-    """``clip.mp4`` -> ``clip.json``; a PNG folder ``clip/`` -> ``clip.json`` beside it."""
-    return output.with_name(output.name + ".json") if output.suffix == "" else output.with_suffix(".json")
+    """``clip.mp4`` -> ``clip.json``; a PNG folder ``clip/`` (or ``clip.v2/``) -> ``clip.json`` (``clip.v2.json``)."""
+    if output.suffix.lower() in (".mp4", ".gif", ".webp"):
+        return output.with_suffix(".json")
+    return output.with_name(output.name + ".json")
 
 
 def make_record(

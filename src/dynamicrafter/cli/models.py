@@ -66,7 +66,7 @@ def fetch_weights(preset, directory: Path | None = None, quiet: bool = False, fo
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise DownloadError(
             f"the {preset.name} model is not on this machine and HF_HUB_OFFLINE is set; "
-            f"run `dynamicrafter download {preset.name}` while online{alternative}"
+            f"unset HF_HUB_OFFLINE and run `dynamicrafter download {preset.name}` while online{alternative}"
         )
     size, lfs_sha = remote_file_info(preset.repo, preset.file, alternative)
     target_dir = directory or Path(os.environ.get("HF_HUB_CACHE", Path.home() / ".cache" / "huggingface"))
@@ -159,7 +159,7 @@ def convert(
     import torch
     from safetensors.torch import save_file
 
-    from ..checkpoint import build_skeleton, check_state_dict, convert_checkpoint, identify, read_checkpoint, CheckpointError
+    from ..checkpoint import build_skeleton, check_state_dict, convert_checkpoint, hint, read_checkpoint, CheckpointError
     from ..presets import get_preset
     from ..video import atomic_path
 
@@ -176,7 +176,7 @@ def convert(
     converted = convert_checkpoint(sd, skeleton.cfg)
     problems = check_state_dict(converted, skeleton.state_dict())
     if problems:
-        raise CheckpointError(f"{checkpoint} does not fit the {model} model: {'; '.join(problems)}. Hint: this looks like {identify(sd)}.")
+        raise CheckpointError(f"{checkpoint} does not fit the {model} model: {'; '.join(problems)}. {hint(sd)}")
     tensors = {
         k: (v.to(dtypes[dtype]) if v.is_floating_point() else v).contiguous() for k, v in converted.items()
     }

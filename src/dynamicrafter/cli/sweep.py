@@ -13,7 +13,7 @@ from rich.table import Table
 from .app import UsageError, app, console, handle_errors
 from .common import (
     CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FpsOpt, FsOpt, JsonOpt, ModelOpt, NegativeOpt,
-    OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, check_checkpoint_path, check_prompt, load_for, progress_bar,
+    OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, check_checkpoint_path, check_fps, check_prompt, load_for, progress_bar,
     resolve_device, sampling_settings, timed,
 )
 
@@ -67,6 +67,7 @@ def lambda_sweep(
     check_checkpoint_path(checkpoint)
     torch_device, torch_dtype = resolve_device(device, dtype)
     settings = sampling_settings(preset, steps, cfg, cfg_img, eta, fs)
+    check_fps(fps)
     start = prepare_image(picture, preset.height, preset.width)
     end = prepare_image(end_picture, preset.height, preset.width) if end_picture is not None else None
 
@@ -74,7 +75,7 @@ def lambda_sweep(
     with timed(timings, "load_s"):
         net = load_for(preset, checkpoint, torch_device, torch_dtype, quiet=quiet)
     with timed(timings, "generate_s"), progress_bar(quiet) as progress:
-        task = progress.add_task(f"denoising {len(lambdas)} λ values", total=None)
+        task = progress.add_task(f"denoising {len(lambdas)} λ values", total=settings.steps)
         video, used_batch = sweep_videos(
             net, start, prompt, settings, seed, lambdas, blocks, end=end, negative_prompt=negative_prompt,
             batch_size=batch_size, callback=lambda i, total: progress.update(task, completed=i + 1, total=total),
@@ -83,12 +84,12 @@ def lambda_sweep(
     labels = [f"lambda={v:g}" for v in lambdas]
     rows = [
         {"lambda": v, "motion": motion(c), "conformity": conformity(net.image_encoder, start, c),
-         "video": str(out_dir / f"lambda_{v:g}.mp4")}
+         "video": f"lambda_{v:g}.mp4"}  # relative to the sweep folder
         for v, c in zip(lambdas, clips)
     ]
     out_fps = fps or preset.fps
     for row, clip in zip(rows, clips):
-        write_frames(clip, row["video"], out_fps)
+        write_frames(clip, out_dir / row["video"], out_fps)
     write_frames(grid_video(clips, labels), out_dir / "grid.mp4", out_fps)
     for name, picture_out in (("contact_sheet.png", contact_sheet(clips, labels)),
                               ("chart.png", chart(lambdas, {"motion": [r["motion"] for r in rows],
@@ -100,7 +101,10 @@ def lambda_sweep(
         "blocks": blocks, "batch_size": used_batch, "settings": settings.__dict__, "results": rows,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
+    previous = earlier_videos(out_dir / "metrics.json")
     write_sidecar(out_dir / "metrics.json", record)
+    for name in previous - {r["video"] for r in rows}:  # an overwritten sweep's videos for λ no longer swept
+        (out_dir / name).unlink(missing_ok=True)
     if as_json:
         sys.stdout.write(json.dumps(record, default=str) + "\n")
         return
@@ -112,3 +116,13 @@ def lambda_sweep(
             table.add_row(f"{r['lambda']:g}", f"{r['motion']:.4f}", f"{r['conformity']:.4f}", r["video"])
         console.print(table)
         console.print(f"[green]wrote[/] {out_dir}/grid.mp4, contact_sheet.png, chart.png, metrics.json", markup=True)
+
+
+def earlier_videos(metrics: Path) -> set[str]:
+    """The per-λ video names an earlier sweep recorded in ``metrics`` (plain names inside the folder only)."""
+    try:
+        rows = json.loads(metrics.read_text())["results"]
+        names = {Path(r["video"]).name for r in rows}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {n for n in names if n.startswith("lambda_") and n.endswith(".mp4")}

@@ -132,8 +132,9 @@ class CrossAttention(nn.Module):
     ``image_cross_attention``, the image tokens through ``to_k_ip``/``to_v_ip``; then
     ``out = Attn_text + λ·Attn_image`` (times ``tanh(alpha) + 1`` with the learnable gate) before ``to_out``, λ being
     the attribute ``image_cross_attention_scale``: a number, or a 1-D float32 tensor of one λ per sample (see
-    :func:`per_row`).  Without image cross-attention the image tokens are ignored.  ``relative_length`` adds the relative-position terms (temporal attention only); ``causal`` in
-    ``forward`` masks keys after the query (self-attention).
+    :func:`per_row`).  Without image cross-attention the image tokens are ignored.  ``relative_length`` adds the
+    relative-position terms (temporal attention only); ``causal`` in ``forward`` masks keys after the query
+    (self-attention).
     """
 
     def __init__(
