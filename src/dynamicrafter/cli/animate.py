@@ -45,8 +45,8 @@ def output_paths(image: Path, out: Path | None, fmt: str | None, samples: int) -
 @app.command()
 @handle_errors
 def animate(
-    image: Annotated[Path, typer.Argument(help="The photo to animate (the start frame).", show_default=False)],
-    prompt: Annotated[str, typer.Argument(help="What should happen in the video.", show_default=False)],
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The photo to animate (the start frame).", show_default=False)],
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="What should happen in the video.", show_default=False)],
     model: ModelOpt = "512",
     checkpoint: CheckpointOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (.mp4/.gif/.webp) or folder (PNG frames); default: IMAGE's name.")] = None,

@@ -97,7 +97,7 @@ def run_local(items: Sequence[Item], spec: BatchSpec, preset, quiet: bool) -> It
 @app.command()
 @handle_errors
 def batch(
-    folder: Annotated[Path, typer.Argument(help="Folder of photos (png, jpg, jpeg, webp, bmp).", show_default=False)],
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder of photos (png, jpg, jpeg, webp, bmp).", show_default=False)],
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", "-o", help="Where outputs go (default: FOLDER/animated).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="Prompt for every photo without its own.")] = None,
     prompts: Annotated[Optional[Path], typer.Option(help="CSV or JSONL with image, prompt and optional per-item settings.")] = None,

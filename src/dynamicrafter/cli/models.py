@@ -122,7 +122,7 @@ def models(as_json: JsonOpt = False) -> None:
 @app.command()
 @handle_errors
 def download(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Presets to download (default: 512).", show_default=False)] = None,
+    names: Annotated[Optional[list[str]], typer.Argument(metavar="MODEL", help="Presets to download (default: 512).", show_default=False)] = None,
     directory: Annotated[Optional[Path], typer.Option("--dir", help="Download into this folder instead of the Hugging Face cache.")] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -147,7 +147,7 @@ def download(
 @app.command()
 @handle_errors
 def convert(
-    checkpoint: Annotated[Path, typer.Argument(help="Original .ckpt (or .safetensors) checkpoint.", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Original .ckpt (or .safetensors) checkpoint.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.", show_default=False)],
     model: Annotated[str, typer.Option("--model", "-m", help="The preset the checkpoint belongs to.")] = "512",
     dtype: Annotated[str, typer.Option(help="Stored precision: fp32, fp16 or bf16.")] = "fp16",

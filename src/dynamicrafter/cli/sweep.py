@@ -21,8 +21,8 @@ from .common import (
 @app.command("lambda-sweep")
 @handle_errors
 def lambda_sweep(
-    image: Annotated[Path, typer.Argument(help="The photo to animate.", show_default=False)],
-    prompt: Annotated[str, typer.Argument(help="What should happen in the video.", show_default=False)],
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The photo to animate.", show_default=False)],
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="What should happen in the video.", show_default=False)],
     values: Annotated[str, typer.Option(help="λ values, comma separated.")] = "0,0.25,0.5,0.75,1",
     layers: Annotated[str, typer.Option(help="Where λ applies: all, input, middle, output, or indices like 0,3,5.")] = "all",
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", "-o", help="Output folder (default: <IMAGE stem>_lambda_sweep).")] = None,
