@@ -237,8 +237,10 @@ def test_batch_resumes_reports_and_shards(tmp_path):
     from dynamicrafter.batch import item_seed
 
     assert records["p2"]["seed"] == item_seed(123, "p2.jpg")
-    result = run("batch", folder, "--prompt", "moving", "--out-dir", out, *FAST)
-    assert "0 done, 3 skipped, 1 failed" in result.output
+    result = run("batch", folder, "--prompt", "moving", "--out-dir", out, *FAST, "--json")
+    rows = {r["image"].rsplit("/", 1)[-1]: r for r in json.loads(result.stdout.strip().splitlines()[-1])}
+    assert [rows[f"p{i}.{'PNG' if i == 1 else 'jpg'}"]["status"] for i in range(3)] == ["skipped"] * 3
+    assert rows["p2.jpg"]["seed"] == records["p2"]["seed"]  # a skipped item shows the seed its sidecar records
     shard1 = run("batch", folder, "--prompt", "m", "--out-dir", tmp_path / "s", *FAST, "--shard", "1/2", "--json")
     shard2 = run("batch", folder, "--prompt", "m", "--out-dir", tmp_path / "s", *FAST, "--shard", "2/2", "--json")
     names = [[r["image"] for r in json.loads(s.stdout.strip().splitlines()[-1])] for s in (shard1, shard2)]

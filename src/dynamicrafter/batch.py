@@ -203,6 +203,14 @@ def is_complete(output: Path, sidecar: Path) -> bool:
     return output.exists() and sidecar.is_file()
 
 
+def recorded_seed(sidecar: Path) -> int | None:
+    """The seed a finished item's sidecar records (None if it cannot be read)."""
+    try:
+        return int(json.loads(sidecar.read_text(encoding="utf-8"))["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def split_finished(items: Iterable[Item], spec: BatchSpec) -> tuple[list[Item], list[Outcome]]:
     """(items still to animate, a "skipped" outcome for each item whose complete output exists).
 
@@ -214,7 +222,7 @@ def split_finished(items: Iterable[Item], spec: BatchSpec) -> tuple[list[Item], 
     for item in items:
         output = spec.output(item)
         if not spec.overwrite and is_complete(output, sidecar_path(output)):
-            skipped.append(Outcome(item, "skipped", output))
+            skipped.append(Outcome(item, "skipped", output, seed=recorded_seed(sidecar_path(output))))
         else:
             todo.append(item)
     return todo, skipped
