@@ -465,3 +465,9 @@ def test_non_finite_sampling_writes_nothing(tmp_path, monkeypatch):
     one_line_error(run("animate", EXAMPLE, "waving", *FAST, "--out", out), 1, "in float32: the checkpoint or the settings")
     one_line_error(run("animate", EXAMPLE, "waving", *FAST, "--out", out, "--dtype", "bf16"), 1, "in bfloat16; rerun with --dtype fp32")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["animate", "batch", "lambda-sweep", "convert", "download"])
+def test_commands_that_write_files_take_quiet_verbose_and_json(command):
+    text = run(command, "--help").output
+    assert all(option in text for option in ("--quiet", "--verbose", "--json")), text

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .app import MissingWeightsError, UsageError, app, console, handle_errors
-from .common import JsonOpt, QuietOpt, local_weights
+from .common import JsonOpt, QuietOpt, VerboseOpt, local_weights
 
 OFFLINE_HINT = "no network (HF_HUB_OFFLINE is set or the hub is unreachable)"
 
@@ -125,6 +125,7 @@ def download(
     names: Annotated[Optional[list[str]], typer.Argument(metavar="MODEL", help="Presets to download (default: 512).", show_default=False)] = None,
     directory: Annotated[Optional[Path], typer.Option("--dir", help="Download into this folder instead of the Hugging Face cache.")] = None,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Download model weights (resumable, verified by sha256)."""
@@ -136,6 +137,9 @@ def download(
             raise UsageError(f"the {p.name} model is built in; nothing to download")
     done = []
     for p in presets:
+        if verbose and not quiet:
+            pin = f"pinned sha256 {p.sha256[:12]}…" if p.sha256 else "the hub's LFS sha256"
+            console.print(f"{p.name}: {p.repo}/{p.file} into {directory or 'the Hugging Face cache'}, checked against {pin}")
         path = fetch_weights(p, directory, quiet=quiet)
         done.append({"model": p.name, "path": str(path)})
         if not quiet and not as_json:
@@ -153,6 +157,7 @@ def convert(
     dtype: Annotated[str, typer.Option(help="Stored precision: fp32, fp16 or bf16.")] = "fp16",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a safetensors copy with only the weights inference uses (faster, safer loading)."""
@@ -184,6 +189,9 @@ def convert(
         save_file(tensors, tmp, metadata={"format": "pt", "dynamicrafter_model": model, "dtype": dtype})
     summary = {"input": str(checkpoint), "output": str(out), "model": model, "dtype": dtype,
                "tensors": len(tensors), "bytes": out.stat().st_size}
+    if verbose and not quiet:
+        console.print(f"{checkpoint}: {len(sd)} tensors read ({checkpoint.stat().st_size / 1e6:.1f} MB); "
+                      f"{len(tensors)} written in the tool's layout, without the keys inference never uses")
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
     elif not quiet:

@@ -13,8 +13,8 @@ from rich.table import Table
 from .app import UsageError, app, console, handle_errors
 from .common import (
     CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FpsOpt, FsOpt, JsonOpt, ModelOpt, NegativeOpt,
-    OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, check_checkpoint_path, check_fps, check_prompt, load_for, progress_bar,
-    resolve_device, sampling_settings, timed,
+    OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path, check_fps, check_prompt, load_for,
+    progress_bar, resolve_device, sampling_settings, timed,
 )
 
 
@@ -42,6 +42,7 @@ def lambda_sweep(
     dtype: DtypeOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Animate IMAGE once per λ with identical noise; write a labelled grid video, one video per λ, a contact
@@ -71,6 +72,8 @@ def lambda_sweep(
     start = prepare_image(picture, preset.height, preset.width)
     end = prepare_image(end_picture, preset.height, preset.width) if end_picture is not None else None
 
+    if verbose and not quiet:
+        console.print(f"model {preset.name} on {torch_device} ({torch_dtype}), λ {lambdas} on blocks {blocks}, {settings}")
     timings: dict[str, float] = {}
     with timed(timings, "load_s"):
         net = load_for(preset, checkpoint, torch_device, torch_dtype, quiet=quiet)
@@ -103,6 +106,8 @@ def lambda_sweep(
     }
     previous = earlier_videos(out_dir / "metrics.json")
     write_sidecar(out_dir / "metrics.json", record)
+    if verbose and not quiet:
+        console.print(f"load {timings['load_s']:.1f} s, generate {timings['generate_s']:.1f} s (batch of {used_batch})")
     for name in previous - {r["video"] for r in rows}:  # an overwritten sweep's videos for λ no longer swept
         (out_dir / name).unlink(missing_ok=True)
     if as_json:
