@@ -116,3 +116,14 @@ def test_animate_offloads_the_encoders_after_encoding_unless_kept(tiny, monkeypa
     events.clear()
     pipeline.animate(tiny, image, ["a cat"], settings, [0], keep_encoders=True)
     assert events == ["encode"]
+
+
+def test_decode_builds_no_autograd_graph(tiny) -> None:
+    """decode_latents runs without autograd even when called outside ``no_grad`` with trainable weights (its
+    ``no_grad`` decorator once slid onto a helper defined above it)."""
+    tiny.vae.requires_grad_(True)
+    try:
+        video = decode_latents(tiny, torch.randn(1, 4, 2, 8, 8))
+    finally:
+        tiny.vae.requires_grad_(False)
+    assert not video.requires_grad

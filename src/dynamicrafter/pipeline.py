@@ -324,7 +324,6 @@ def seeded_noise(
     return spread_frames(draw(window_shape), index), lambda step, shape_: spread_frames(draw(window_shape), index)
 
 
-@torch.no_grad()
 def _way_out(dtype: torch.dtype) -> str:
     """The end of a NaN/inf message: the precision it happened in and what to try instead."""
     if dtype == torch.float16:
@@ -334,6 +333,7 @@ def _way_out(dtype: torch.dtype) -> str:
     return f" in {str(dtype).removeprefix('torch.')}: the checkpoint or the settings produce them, not the precision"
 
 
+@torch.no_grad()
 def decode_latents(model: DynamiCrafter, latents: torch.Tensor, chunk: int = 4) -> torch.Tensor:
     """Latents (B, 4, T, h, w) -> video (B, 3, T, H, W) float32 (float64 stays), unclamped; ``chunk`` frames per call.
 
