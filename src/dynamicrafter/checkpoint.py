@@ -162,17 +162,14 @@ def convert_checkpoint(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict
 
 def hint(sd: Mapping[str, torch.Tensor]) -> str:
     """The hint of a load error: which model the original-layout state dict looks like."""
-    if "model.diffusion_model.input_blocks.0.0.weight" not in sd:
-        return "Hint: this is not a DynamiCrafter checkpoint (no model.diffusion_model.* weights)."
-    return f"Hint: this looks like {identify(sd)}."
-
-
-def identify(sd: Mapping[str, torch.Tensor]) -> str:
-    """A short guess of which model an original-layout state dict holds, for error hints."""
     probe = "model.diffusion_model.input_blocks.0.0.weight"
     if probe not in sd:
-        return "not a DynamiCrafter checkpoint (no model.diffusion_model.* weights)"
-    channels = sd[probe].shape[0]
+        return "Hint: this is not a DynamiCrafter checkpoint (no model.diffusion_model.* weights)."
+    return f"Hint: this looks like {identify(sd, sd[probe].shape[0])}."
+
+
+def identify(sd: Mapping[str, torch.Tensor], channels: int) -> str:
+    """A short guess of which model an original-layout state dict holds (``channels``: the UNet's first width)."""
     if channels != 320:
         return f"a custom architecture (UNet model_channels {channels}, not the released 320)"
     if any(key.endswith("attn2.alpha") for key in sd):

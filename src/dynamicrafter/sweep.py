@@ -165,8 +165,8 @@ def sweep_videos(
     The λ values are the samples of one batch (``batch_size`` at a time; None: all), each with its own λ on
     ``blocks`` (every other layer has λ = 1, and all are back at 1 afterwards) and the same seed, hence the same
     noise.  On a CUDA out-of-memory error the batch is halved and the chunk retried.  The encoders stay where the
-    UNet is (the conformity measure uses the vision tower next); the videos come back on the CPU.  ``start`` (and ``end``,
-    interpolation) is (1, 3, H, W); ``callback(step, steps)`` follows the denoising of each chunk.
+    UNet is (the conformity measure uses the vision tower next); the videos come back on the CPU.  ``start`` (and
+    ``end``, interpolation) is (1, 3, H, W); ``callback(step, steps)`` follows the denoising of each chunk.
     """
     size = min(batch_size or len(lambdas), len(lambdas))
     videos: list[torch.Tensor] = []

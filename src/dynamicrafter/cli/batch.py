@@ -28,7 +28,7 @@ from .app import EXIT_FAILED, EXIT_INTERRUPTED, UsageError, app, console, handle
 from .common import (
     CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, FpsOpt, FsOpt, JsonOpt, LambdaOpt,
     ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path, check_fps,
-    load_for, progress_bar, resolve_device, sampling_settings,
+    check_device_names, load_for, progress_bar, resolve_device, sampling_settings,
 )
 
 ENGINES = ("local", "ray")
@@ -65,14 +65,6 @@ def check_engine(engine: str, address: str | None, workers: int | None, gpus_per
         require_ray()
     except RayUnavailableError as exc:
         raise UsageError(escape(str(exc))) from None  # escaped: the error line is rich markup
-
-
-def check_device_names(device: str | None, dtype: str | None) -> None:
-    """For Ray, whose workers (not this machine) have the GPUs: only the names can be checked here."""
-    if device is not None and not (device in ("cpu", "mps") or device.startswith("cuda")):
-        raise UsageError(f"unknown --device {device!r}; use cpu or cuda")
-    if dtype is not None and dtype not in ("fp32", "fp16", "bf16"):
-        raise UsageError(f"unknown --dtype {dtype!r}; choose fp32, fp16 or bf16")
 
 
 def run_local(items: Sequence[Item], spec: BatchSpec, preset, quiet: bool) -> Iterator[Outcome]:

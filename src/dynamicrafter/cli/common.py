@@ -39,20 +39,25 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print setting
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
 
 
+def check_device_names(device: str | None, dtype: str | None) -> None:
+    """Refuse unknown --device/--dtype names (all that can be checked where the GPUs are elsewhere, as with Ray)."""
+    if device is not None and not (device in ("cpu", "mps") or device.startswith("cuda")):
+        raise UsageError(f"unknown --device {device!r}; use cpu or cuda")
+    if dtype is not None and dtype not in ("fp32", "fp16", "bf16"):
+        raise UsageError(f"unknown --dtype {dtype!r}; choose fp32, fp16 or bf16")
+
+
 def resolve_device(device: str | None, dtype: str | None):
     """(device string, torch dtype) with CPU-safe defaults; raises UsageError for impossible choices."""
     import torch
 
+    check_device_names(device, dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
-    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
-        raise UsageError(f"unknown --device {device!r}; use cpu or cuda")
     names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     dtype = dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    if dtype not in names:
-        raise UsageError(f"unknown --dtype {dtype!r}; choose fp32, fp16 or bf16")
     if dtype == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise UsageError("this GPU has no bf16 support; use --dtype fp16 or fp32")
     return device, names[dtype]
