@@ -1,3 +1,8 @@
+"""Shared test fixtures: the fixture folders, a tiny random model, scenario loading, relative error, and the guard
+that no model loads before a command has validated its inputs."""
+
+import json
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -10,9 +15,60 @@ SCENARIOS = sorted(p.parent.name for p in FIXTURES.glob("*/scenario.json"))
 torch.set_num_threads(2)
 
 
+def rel_err(got: torch.Tensor, exp: torch.Tensor) -> float:
+    """max |got - exp| / max |exp|, in float64."""
+    got, exp = got.detach().double().cpu(), exp.detach().double().cpu()
+    return ((got - exp).abs().max() / exp.abs().max()).item()
+
+
+@cache
+def scenario(name: str) -> tuple[dict, object, dict[str, torch.Tensor]]:
+    """(scenario.json, the ModelConfig it describes, the expected tensors) of a fixture folder."""
+    from safetensors.torch import load_file
+
+    from dynamicrafter.config import from_reference
+
+    info = json.loads((FIXTURES / name / "scenario.json").read_text())
+    cfg = from_reference(info["reference_model_config"], info.get("tiny_clip_config"))
+    return info, cfg, load_file(FIXTURES / name / "expected.safetensors")
+
+
+@cache
+def fixture_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
+    """The original-format state dict of a fixture checkpoint (``tiny_256_1234.ckpt``), memory-mapped."""
+    return torch.load(FIXTURES / checkpoint, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@cache
+def tiny_model():
+    """The built-in tiny model with random weights (seed 0), fp32 on the CPU; shared: tests must not modify it."""
+    from dynamicrafter.checkpoint import build_random
+    from dynamicrafter.presets import get_preset
+
+    return build_random(get_preset("tiny").model_config(), 0)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """:func:`tiny_model` as a fixture."""
+    return tiny_model()
+
+
+@pytest.fixture
+def never_load(monkeypatch):
+    """Fail the test if a model gets loaded: every front end loads through ``Animator.load``, and must validate its
+    inputs first."""
+    from dynamicrafter.api import Animator
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were validated")
+
+    monkeypatch.setattr(Animator, "load", boom)
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from dynamicrafter.bench import BenchResult, unet_flops
 from dynamicrafter.checkpoint import build_random
 from dynamicrafter.cli import app
-from dynamicrafter.pipeline import decode_latents, decode_within_peak
+from dynamicrafter.memory import decode_within_peak
+from dynamicrafter.pipeline import decode_latents
 from dynamicrafter.presets import get_preset
 
 runner = CliRunner()
@@ -63,15 +64,9 @@ def test_bad_arguments_give_one_line_errors(args: list[str], code: int, text: st
 
 def test_released_model_needs_weights_or_random(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr("dynamicrafter.cli.bench.local_weights", lambda preset: None)
+    monkeypatch.setattr("dynamicrafter.hub.local_weights", lambda preset: None)
     result = runner.invoke(app, ["bench", "--model", "256", "--device", "cpu"])
     assert result.exit_code == 2 and "--random-weights" in result.output
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return build_random(get_preset("tiny").model_config(), 0)
 
 
 def test_flops_counted_on_meta_equal_a_real_call(tiny, monkeypatch) -> None:
@@ -80,20 +75,20 @@ def test_flops_counted_on_meta_equal_a_real_call(tiny, monkeypatch) -> None:
     (The real call takes ``F.linear`` and the math attention: the counter sees neither the oneDNN matmul nor the
     fused attention kernel of CPU inference, which is why the benchmark counts on the meta device.)
     """
-    monkeypatch.setattr("dynamicrafter.models.attention._onednn_matmul", lambda: False)
+    monkeypatch.setattr("dynamicrafter.models.ops._onednn_matmul", lambda: False)
     x, t = torch.randn(2, 8, 16, 8, 8), torch.tensor([500, 500])
     context, fs = torch.randn(2, 77 + 16 * 16, 32), torch.tensor([24, 24])
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        tiny.unet(x, t, context, fs)
+        prepared = tiny.unet.prepare(context, fs, 16)
         with counter:
-            tiny.unet(x, t, context, fs)
-    assert unet_flops(tiny, (x, t, context, fs)) == counter.get_total_flops() > 0
+            tiny.unet(x, t, prepared)
+    assert unet_flops(tiny, x, t, prepared) == counter.get_total_flops() > 0
 
 
 def test_decode_on_cpu_is_the_pipeline_decode(tiny) -> None:
     latents = torch.randn(1, 4, 3, 8, 8)
-    video, chunk = decode_within_peak(tiny, latents)
+    video, chunk = decode_within_peak(tiny, latents, decode_latents)
     assert chunk == 4 and torch.equal(video, decode_latents(tiny, latents))
 
 
@@ -103,13 +98,12 @@ def test_animate_offloads_the_encoders_after_encoding_unless_kept(tiny, monkeypa
     from dataclasses import replace
 
     from dynamicrafter import pipeline
-    from dynamicrafter.cli.common import sampling_settings
-
+    
     events: list[str] = []
     encode = pipeline.make_conditioning
     monkeypatch.setattr(pipeline, "make_conditioning", lambda *a, **k: events.append("encode") or encode(*a, **k))
     monkeypatch.setattr(pipeline, "offload_encoders", lambda model: events.append("offload"))
-    settings = replace(sampling_settings(get_preset("tiny"), steps=2), frames=4)
+    settings = replace(get_preset("tiny").sampling(steps=2), frames=4)
     image = torch.zeros(1, 3, 64, 64)
     pipeline.animate(tiny, image, ["a cat"], settings, [0])
     assert events == ["encode", "offload"]

@@ -28,9 +28,10 @@ from dynamicrafter.models.encoders import (
 )
 from dynamicrafter.models.resampler import Resampler
 
+from .conftest import FIXTURES, fixture_state_dict, rel_err, scenario
+
 torch.set_num_threads(2)
 
-FIXTURES = Path(__file__).parent / "fixtures"
 SCENARIOS = ["i2v_256_style", "i2v_512_style", "interp_512_style", "i2v_512_fullres"]
 # The 320x512 VAE is slow on CPU: check a subset of its (identical) frames there.
 VAE_FRAMES = {"i2v_512_fullres": [0, 15]}
@@ -38,26 +39,14 @@ TOL = 1e-5
 VAE_TOL = 5e-5  # conv kernels differ by CPU ISA; observed <= 6e-6
 
 
-def rel_err(got: torch.Tensor, exp: torch.Tensor) -> float:
-    return ((got.float() - exp.float()).abs().max() / exp.float().abs().max()).item()
-
 
 def strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
 
 
-@cache
-def scenario(name: str):
-    info = json.loads((FIXTURES / name / "scenario.json").read_text())
-    cfg = from_reference(info["reference_model_config"], info["tiny_clip_config"])
-    return info, cfg, load_file(FIXTURES / name / "expected.safetensors")
-
-
-@cache
 def checkpoint(name: str) -> dict[str, torch.Tensor]:
     info, _, _ = scenario(name)
-    path = FIXTURES / name / info["checkpoint"]
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    return fixture_state_dict(str(Path(name) / info["checkpoint"]))
 
 
 @cache

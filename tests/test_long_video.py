@@ -27,15 +27,12 @@ from dynamicrafter.long_video import (
 )
 from dynamicrafter.presets import get_preset
 
+from .conftest import rel_err, tiny_model as tiny
+
 SIZE = 64
 SETTINGS = pipeline.SamplingSettings(
     steps=5, cfg_scale=7.5, guidance_rescale=0.7, timestep_spacing="uniform_trailing", fs=24, frames=16
 )
-
-
-@functools.cache
-def tiny():
-    return build_random(get_preset("tiny").model_config(), 0)
 
 
 def image(seed: int = 0, size: int = SIZE) -> torch.Tensor:
@@ -161,7 +158,10 @@ class PositionUNet(torch.nn.Module):
         super().__init__()
         self.unused = torch.nn.Parameter(torch.zeros(()))  # where and in which dtype it runs, like a real UNet
 
-    def forward(self, x, timesteps, context, fs):
+    def prepare(self, context, fs, frames, image_scale=None):
+        return None
+
+    def forward(self, x, timesteps, context):
         b, _, t, h, w = x.shape
         return torch.arange(t, dtype=x.dtype).view(1, 1, t, 1, 1).expand(b, 4, t, h, w)
 

@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from dynamicrafter import pipeline
+from dynamicrafter import conditioning, pipeline
 from dynamicrafter.checkpoint import build_random
 from dynamicrafter.long_video import split_windows, window_starts
 from dynamicrafter.presets import get_preset
+
+from .conftest import rel_err, tiny_model as tiny
 from dynamicrafter.sampling import rescale_guidance
 
 SIZE = 64
@@ -22,11 +24,6 @@ WELL_CONDITIONED = 128  # at 64x64 the tiny UNet's deepest level is 1x1 and Grou
 SETTINGS = pipeline.SamplingSettings(
     steps=4, cfg_scale=7.5, guidance_rescale=0.7, timestep_spacing="uniform_trailing", fs=5, frames=16
 )
-
-
-@functools.cache
-def tiny():
-    return build_random(get_preset("tiny").model_config(), 0)
 
 
 def image(seed: int, size: int = SIZE) -> torch.Tensor:
@@ -41,10 +38,6 @@ def final_latent(cond, settings, seed=11):
     return pipeline.sample(tiny(), cond, settings, x_T, noise_fn)
 
 
-def rel(got: torch.Tensor, exp: torch.Tensor) -> float:
-    return ((got - exp).abs().max() / exp.abs().max()).item()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # interpolation and looping
 
@@ -53,7 +46,7 @@ def rel(got: torch.Tensor, exp: torch.Tensor) -> float:
 def test_concat_layouts(frames):
     settings = replace(SETTINGS, frames=frames)
     start, end = image(1), image(2)
-    z_start, z_end = pipeline.encode_latents(tiny(), start), pipeline.encode_latents(tiny(), end)
+    z_start, z_end = conditioning.encode_latents(tiny(), start), conditioning.encode_latents(tiny(), end)
     interp = pipeline.make_conditioning(tiny(), start, ["p"], settings, end=end, mode="interp").concat
     loop = pipeline.make_conditioning(tiny(), start, ["p"], settings, mode="loop").concat
     assert interp.shape == loop.shape == (1, 4, frames, SIZE // 8, SIZE // 8)
@@ -114,7 +107,7 @@ def test_multi_condition_with_equal_scales_is_plain_cfg(t):
     cond, x = guidance_inputs()
     plain = pipeline.guided_denoiser(tiny(), cond, SETTINGS)(x, t)
     multi = pipeline.guided_denoiser(tiny(), cond, replace(SETTINGS, cfg_img=SETTINGS.cfg_scale))(x, t)
-    assert rel(multi, plain) < TOL
+    assert rel_err(multi, plain) < TOL
 
 
 @pytest.mark.parametrize("cfg_img", [1.0, 2.5])
@@ -127,8 +120,8 @@ def test_multi_condition_formula(cfg_img):
         torch.testing.assert_close(expected, e_ui + s * (e_c - e_ui), rtol=0, atol=1e-5)
     expected = rescale_guidance(expected, e_c, SETTINGS.guidance_rescale)  # guidance rescale uses e_c
     got = pipeline.guided_denoiser(tiny(), cond, replace(SETTINGS, cfg_img=cfg_img))(x, t)
-    assert rel(got, expected) < TOL
-    assert rel(got, pipeline.guided_denoiser(tiny(), cond, SETTINGS)(x, t)) > 1e-3  # it does change the result
+    assert rel_err(got, expected) < TOL
+    assert rel_err(got, pipeline.guided_denoiser(tiny(), cond, SETTINGS)(x, t)) > 1e-3  # it does change the result
 
 
 def test_image_only_branch_has_empty_text_and_real_image():
@@ -154,7 +147,7 @@ def test_short_videos_see_all_image_tokens_on_every_frame():
     for frames, changes in ((8, False), (16, True)):
         xin = torch.randn(1, 8, frames, 16, 16, generator=torch.Generator().manual_seed(frames))
         a, b = tiny().unet(xin, ts, context, fs), tiny().unet(xin, ts, shuffled, fs)
-        assert (rel(b, a) > 1e-3) == changes, frames
+        assert (rel_err(b, a) > 1e-3) == changes, frames
     video = pipeline.animate(tiny(), image(5), ["a wave"], replace(SETTINGS, frames=8, steps=2), [0])
     assert video.shape == (1, 3, 8, SIZE, SIZE) and torch.isfinite(video).all()
 

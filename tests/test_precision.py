@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from dynamicrafter.checkpoint import build_random
-from dynamicrafter.cli.common import sampling_settings
 from dynamicrafter.config import tiny_config
 from dynamicrafter.models.unet import UNet3D
 from dynamicrafter.pipeline import guided_denoiser, latent_shape, make_conditioning, sample, seeded_noise
@@ -14,9 +13,8 @@ from dynamicrafter.sampling import (
     cfg_combine, ddim_coefficients, ddim_step, ddim_timesteps, make_schedule, multi_cond_combine, rescale_guidance,
 )
 
+from .conftest import rel_err
 
-def rel_err(got: torch.Tensor, exp: torch.Tensor) -> float:
-    return ((got.float() - exp.float()).abs().max() / exp.float().abs().max()).item()
 
 
 def unet_inputs(unet: UNet3D, batch: int, latent: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -45,7 +43,7 @@ def bf16_error(unet: UNet3D, latent: int) -> float:
 BF16_LIMIT = {"tiny": 0.06, "256": 0.02}
 
 
-@pytest.mark.parametrize("model", ["tiny", "256"])
+@pytest.mark.parametrize("model", ["tiny", pytest.param("256", marks=pytest.mark.slow)])
 def test_bf16_unet_close_to_fp32(model: str) -> None:
     """Same random weights in fp32 and bf16: the tiny UNet at 128x128 and the full-width 256 UNet at 64x64 pixels.
 
@@ -66,7 +64,7 @@ def guided_step_two_ways(preset: str, cfg_img: float | None) -> tuple[torch.Tens
     """
     p = get_preset(preset)
     model = build_random(tiny_config(p.model_config()), 0, dtype=torch.float64)
-    settings = sampling_settings(p, steps=5, cfg_img=cfg_img)
+    settings = p.sampling(steps=5, cfg_img=cfg_img)
     cond = make_conditioning(model, torch.rand(1, 3, 64, 64) * 2 - 1, ["a cat"], settings)
     schedule = make_schedule(model.cfg.diffusion)
     timesteps = ddim_timesteps(settings.steps, settings.timestep_spacing)
@@ -101,7 +99,7 @@ def test_cuda_path_agrees_with_cpu_path() -> None:
     """Tiny model, same seed, TF32 off: a UNet call and a 3-step run in fp32 on CUDA and on the CPU agree; the fp16
     CUDA call is finite and within 2 % of the fp32 CPU call."""
     preset = get_preset("tiny")
-    settings = sampling_settings(preset, steps=3)
+    settings = preset.sampling(steps=3)
     image = torch.rand(1, 3, 128, 128) * 2 - 1
     cpu = build_random(preset.model_config(), 0)
     inputs = unet_inputs(cpu.unet, 2, 16)
@@ -167,7 +165,7 @@ def test_reduced_precision_sampling_keeps_the_ddim_state_in_fp32() -> None:
         sampled.append(real_sample(*args, **kwargs))
         return sampled[-1]
 
-    settings = replace(sampling_settings(preset, steps=2), frames=4)
+    settings = replace(preset.sampling(steps=2), frames=4)
     try:
         pipeline.sample = spy
         video = pipeline.animate(model, torch.zeros(1, 3, 64, 64), ["a cat"], settings, [0])
@@ -190,7 +188,7 @@ def test_cuda_animate_end_to_end_in_fp16() -> None:
 
     preset = get_preset("tiny")
     model = build_random(preset.model_config(), 0, "cuda", torch.float16)
-    settings = replace(sampling_settings(preset, steps=3), frames=8)
+    settings = replace(preset.sampling(steps=3), frames=8)
     image = (torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1).cuda()
     first = pipeline.animate(model, image, ["a cat"], settings, [4])
     assert next(model.image_encoder.parameters()).device.type == "cpu"  # offloaded after encoding

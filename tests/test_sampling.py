@@ -3,16 +3,12 @@ dtype path, guidance formulas, one DDIM step by hand, loop order, the zero-SNR N
 
 from __future__ import annotations
 
-import json
-from functools import cache
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from dynamicrafter.config import DiffusionConfig, from_reference
+from dynamicrafter.models.unet import UNet3D
 from dynamicrafter.sampling import (
     cfg_combine,
     ddim_coefficients,
@@ -25,33 +21,27 @@ from dynamicrafter.sampling import (
     sample_ddim,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from .conftest import fixture_state_dict, rel_err, scenario as load_scenario
+
 SCENARIOS = ["i2v_256_style", "i2v_512_style", "interp_512_style", "i2v_512_fullres"]
 CHECKPOINTS = {"i2v_256_style": "tiny_256_1234.ckpt", "i2v_512_style": "tiny_512_2345.ckpt"}
 ZERO_SNR = DiffusionConfig(rescale_betas_zero_snr=True)
 
 
-@cache
 def scenario(name: str) -> dict:
-    return json.loads((FIXTURES / name / "scenario.json").read_text())
+    return load_scenario(name)[0]
 
 
-@cache
 def expected(name: str) -> dict[str, torch.Tensor]:
-    return load_file(FIXTURES / name / "expected.safetensors")
+    return load_scenario(name)[2]
 
 
 def state_dict(name: str) -> dict[str, torch.Tensor]:
-    path = FIXTURES / CHECKPOINTS[name]
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    return fixture_state_dict(CHECKPOINTS[name])
 
 
 def diffusion_cfg(name: str) -> DiffusionConfig:
     return from_reference(scenario(name)["reference_model_config"]).diffusion
-
-
-def rel(got: torch.Tensor, exp: torch.Tensor) -> float:
-    return ((got - exp).abs().max() / exp.abs().max()).item()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -274,10 +264,10 @@ def test_one_step_by_hand(parameterization: str) -> None:
     x0 = x0 * (1 - 0.3 * 199 / 399) / 0.7
     hand = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps + sigma * noise.double()
     assert got.dtype == torch.float32
-    assert rel(got.double(), hand) < 1e-6
+    assert rel_err(got.double(), hand) < 1e-6
 
     eps_got, x0_got = predict_eps_x0(out, x, t, k, schedule, c, parameterization)
-    assert rel(eps_got.double(), eps) < 1e-6
+    assert rel_err(eps_got.double(), eps) < 1e-6
     with pytest.raises(ValueError, match="parameterization"):
         predict_eps_x0(out, x, t, k, schedule, c, "x0")
 
@@ -351,11 +341,10 @@ def test_noise_enters_with_sigma() -> None:
 
 @pytest.mark.parametrize("name", ["i2v_256_style", "i2v_512_style"])
 def test_fixture_final_latent(name: str) -> None:
-    unet_module = pytest.importorskip("dynamicrafter.models.unet")
     s, exp = scenario(name), expected(name)
     cfg = from_reference(s["reference_model_config"], s["tiny_clip_config"])
     prefix = "model.diffusion_model."
-    unet = unet_module.UNet3D(cfg.unet).eval()
+    unet = UNet3D(cfg.unet).eval()
     unet.load_state_dict({k[len(prefix):]: v for k, v in state_dict(name).items() if k.startswith(prefix)})
     inputs = s["inputs"]
     ctx = torch.cat([exp["text_emb"], exp["image_ctx"]], dim=1)
@@ -380,6 +369,6 @@ def test_fixture_final_latent(name: str) -> None:
             parameterization=cfg.diffusion.parameterization,
             noise_fn=lambda i, shape: exp["sample_noises"][i],
         )
-    err = rel(got, exp["sample_final_latent"])
+    err = rel_err(got, exp["sample_final_latent"])
     print(f"{name}: sample_final_latent rel err {err:.2e}")
     assert err < 1e-5

@@ -12,7 +12,10 @@ from safetensors.torch import load_file
 
 from dynamicrafter.config import UNetConfig, from_reference
 from dynamicrafter.models.attention import CrossAttention
+from dynamicrafter.models.context import ImageScale
 from dynamicrafter.models.unet import UNet3D
+
+from .conftest import rel_err
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PREFIX = "model.diffusion_model."
@@ -22,10 +25,6 @@ TOL = 1e-4
 @pytest.fixture(autouse=True, scope="module")
 def _threads():
     torch.set_num_threads(2)
-
-
-def rel_err(got: torch.Tensor, exp: torch.Tensor) -> float:
-    return ((got.float() - exp).abs().max() / exp.abs().max()).item()
 
 
 @functools.cache
@@ -38,13 +37,13 @@ def load_scenario(name: str) -> tuple[UNet3D, dict[str, torch.Tensor], dict]:
     return unet, load_file(FIXTURES / name / "expected.safetensors"), scenario["inputs"]
 
 
-def probe(name: str, uncond: bool = False) -> torch.Tensor:
+def probe(name: str, uncond: bool = False, image_scale: ImageScale | None = None) -> torch.Tensor:
     unet, exp, inputs = load_scenario(name)
     x = torch.cat([exp["probe_x_t"], exp["concat_latent"]], dim=1)
     text, image = ("uncond_text_emb", "uncond_image_ctx") if uncond else ("text_emb", "image_ctx")
     context = torch.cat([exp[text], exp[image]], dim=1)
     with torch.no_grad():
-        return unet(x, torch.tensor([inputs["probe_t"]]), context, torch.tensor([inputs["fs"]]))
+        return unet(x, torch.tensor([inputs["probe_t"]]), context, torch.tensor([inputs["fs"]]), image_scale)
 
 
 @pytest.mark.parametrize("name", ["i2v_256_style", "i2v_512_style", "interp_512_style"])
@@ -52,12 +51,9 @@ def test_probe_outputs_match_reference(name: str) -> None:
     unet, exp, _ = load_scenario(name)
     assert rel_err(probe(name), exp["probe_unet_out"]) <= TOL
     assert rel_err(probe(name, uncond=True), exp["probe_unet_out_uncond"]) <= TOL
-    try:
-        for lam in (0.0, 0.5):
-            unet.set_image_cross_attention_scale(lam)
-            assert rel_err(probe(name), exp[f"probe_unet_out_lambda_{lam}"]) <= TOL
-    finally:
-        unet.set_image_cross_attention_scale(1.0)
+    for lam in (0.0, 0.5):
+        assert rel_err(probe(name, image_scale=ImageScale.of(lam)), exp[f"probe_unet_out_lambda_{lam}"]) <= TOL
+    assert not any(hasattr(a, "image_cross_attention_scale") for a in unet.spatial_attentions())  # λ is data
 
 
 def test_probe_output_full_resolution() -> None:
@@ -73,11 +69,10 @@ def test_lambda_per_block_changes_only_the_chosen_block() -> None:
     hooks = [a.register_forward_hook(lambda m, i, o, k=k: outputs.__setitem__(k, o)) for k, a in enumerate(attns)]
     try:
         base, base_outputs = probe("i2v_512_style"), dict(outputs)
-        unet.set_image_cross_attention_scale(0.0, indices=[5])
-        assert [a.image_cross_attention_scale for a in attns] == [1.0] * 5 + [0.0] + [1.0] * 10
-        changed = probe("i2v_512_style")
+        scale = ImageScale.of(0.0, [5])
+        assert unet.layer_scales(scale, torch.device("cpu")) == [1.0] * 5 + [0.0] + [1.0] * 10
+        changed = probe("i2v_512_style", image_scale=scale)
     finally:
-        unet.set_image_cross_attention_scale(1.0)
         for h in hooks:
             h.remove()
     assert all(torch.equal(outputs[k], base_outputs[k]) for k in range(5))  # earlier layers untouched
@@ -85,7 +80,7 @@ def test_lambda_per_block_changes_only_the_chosen_block() -> None:
     assert rel_err(base, exp["probe_unet_out"]) <= TOL and rel_err(changed, base) > 1e-4
     assert not any("image_cross_attention_scale" in k for k in unet.state_dict())
     with pytest.raises(ValueError):
-        unet.set_image_cross_attention_scale(0.5, indices=[16])
+        probe("i2v_512_style", image_scale=ImageScale.of(0.5, [16]))
 
 
 def test_one_lambda_per_sample_matches_the_reference_per_lambda() -> None:
@@ -96,23 +91,21 @@ def test_one_lambda_per_sample_matches_the_reference_per_lambda() -> None:
     cond = torch.cat([exp["text_emb"], exp["image_ctx"]], dim=1)
     uncond = torch.cat([exp["uncond_text_emb"], exp["uncond_image_ctx"]], dim=1)
     context = torch.cat([cond.repeat(3, 1, 1), uncond.repeat(3, 1, 1)])
-    try:
-        unet.set_image_cross_attention_scale([0.0, 0.5, 1.0])
-        with torch.no_grad():
-            out = unet(x, torch.full((6,), inputs["probe_t"]), context, torch.full((6,), inputs["fs"]))
+    scale = ImageScale.of([0.0, 0.5, 1.0])
+    with torch.no_grad():
+        out = unet(x, torch.full((6,), inputs["probe_t"]), context, torch.full((6,), inputs["fs"]), scale)
         with pytest.raises(ValueError, match="do not divide"):
-            unet(x[:4], torch.full((4,), inputs["probe_t"]), context[:4], torch.full((4,), inputs["fs"]))
-    finally:
-        unet.set_image_cross_attention_scale(1.0)
+            unet(x[:4], torch.full((4,), inputs["probe_t"]), context[:4], torch.full((4,), inputs["fs"]), scale)
+        plain = unet(x[:1], torch.full((1,), inputs["probe_t"]), context[:1], torch.full((1,), inputs["fs"]))
     for row, key in enumerate(["probe_unet_out_lambda_0.0", "probe_unet_out_lambda_0.5", "probe_unet_out"]):
         assert rel_err(out[row : row + 1], exp[key]) <= TOL
     assert rel_err(out[5:], exp["probe_unet_out_uncond"]) <= TOL
-    assert all(a.image_cross_attention_scale == 1.0 for a in unet.spatial_attentions())
+    assert rel_err(plain, exp["probe_unet_out_lambda_0.0"]) > 1e-3  # nothing of the last call's λ stays behind
 
 
 def test_per_sample_lambda_in_bf16_equals_the_scalar_path_and_any_number_works() -> None:
     """In bf16 a per-sample λ of 0.3 must act as the float 0.3 does (not as 0.3 rounded to bf16, 0.30078125), and a
-    λ set to an int or a numpy number is a plain number."""
+    λ given as an int or a numpy number is a plain number."""
     import copy
 
     import numpy as np
@@ -123,19 +116,12 @@ def test_per_sample_lambda_in_bf16_equals_the_scalar_path_and_any_number_works()
     context = torch.cat([exp["text_emb"], exp["image_ctx"]], dim=1).repeat(2, 1, 1).bfloat16()
     t, fs = torch.full((2,), inputs["probe_t"]), torch.full((2,), inputs["fs"])
     with torch.no_grad():
-        unet.set_image_cross_attention_scale([0.3, 0.3])
-        batched = unet(x, t, context, fs)
-        unet.set_image_cross_attention_scale(0.3)
-        scalar = unet(x, t, context, fs)
-        unet.set_image_cross_attention_scale(0.5)
-        half = unet(x, t, context, fs)
+        batched = unet(x, t, context, fs, ImageScale.of([0.3, 0.3]))
+        scalar = unet(x, t, context, fs, ImageScale.of(0.3))
+        half = unet(x, t, context, fs, ImageScale.of(0.5))
         for number in (np.float32(0.5), np.float64(0.5)):
-            for a in unet.spatial_attentions():
-                a.image_cross_attention_scale = number
-            assert torch.equal(unet(x, t, context, fs), half)
-        for a in unet.spatial_attentions():
-            a.image_cross_attention_scale = 0  # an int zero skips the image attention like 0.0
-        assert torch.isfinite(unet(x, t, context, fs)).all()
+            assert torch.equal(unet(x, t, context, fs, ImageScale.of([number])), half)
+        assert torch.equal(unet(x, t, context, fs, ImageScale.of(0)), unet(x, t, context, fs, ImageScale.of(0.0)))
     assert torch.equal(batched, scalar)
 
 

@@ -4,9 +4,10 @@ An item's output is complete when its video *and* its JSON sidecar exist (the si
 atomically), so a rerun skips finished items and redoes anything interrupted.  Each item's seed is derived from the
 run's seed and the item's own name, so an item gives the same video whichever worker, shard or batch runs it.
 
-Running is shared by the engines: the local batch and every Ray worker turn items into :class:`Job` s with
-:func:`prepare_jobs` and animate them with :func:`run_jobs`, which writes each video and sidecar atomically and
-yields one :class:`Outcome` per item.  Tensor shapes: (1, 3, H, W) per input image, H x W the preset's resolution.
+Running is shared by the engines: the local batch and every Ray worker turn items into :class:`Job` s (an item, its
+validated :class:`~dynamicrafter.api.Request` and its output path) with :func:`prepare_jobs`, and animate them on
+a loaded :class:`~dynamicrafter.api.Animator` with :func:`run_jobs`, which saves each video and sidecar atomically
+and yields one :class:`Outcome` per item.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import csv
 import hashlib
 import json
 import shutil
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .api import Animator
+from .errors import SettingsError
+from .files import sidecar_path
 from .images import IMAGE_SUFFIXES
+from .request import Request, make_request
 
 # Per-item settings a manifest may carry, with their types.
 ITEM_SETTINGS: dict[str, type] = {
@@ -78,22 +82,11 @@ class BatchSpec:
 
 @dataclass(frozen=True)
 class Job:
-    """A validated item: its tensors, settings and where it goes."""
+    """A validated item: the request it makes and where its video goes."""
 
     item: Item
-    start: Any  # (1, 3, H, W) tensor in [-1, 1]
-    end: Any  # (1, 3, H, W) tensor, or None
-    mode: str  # "i2v" or "interp"
-    settings: Any  # SamplingSettings
-    negative_prompt: str
-    image_scale: float | None
-    seed: int
+    request: Request
     output: Path
-
-    @property
-    def group_key(self) -> tuple:
-        """Jobs with equal keys can share one UNet call."""
-        return (self.settings, self.mode, self.image_scale)
 
 
 def item_seed(run_seed: int, name: str) -> int:
@@ -185,9 +178,9 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     try:
         i, n = (int(part) for part in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like I/N, e.g. 1/4 (got {text!r})") from None
+        raise SettingsError("shard", f"{{setting}} must look like I/N, e.g. 1/4 (got {text!r})") from None
     if not (n >= 1 and 1 <= i <= n):
-        raise ValueError(f"--shard {text}: need 1 <= I <= N")
+        raise SettingsError("shard", f"{{setting}} {text}: need 1 <= I <= N")
     return i, n
 
 
@@ -216,8 +209,6 @@ def split_finished(items: Iterable[Item], spec: BatchSpec) -> tuple[list[Item], 
 
     With ``spec.overwrite`` nothing is skipped.
     """
-    from .cli.common import sidecar_path
-
     todo, skipped = [], []
     for item in items:
         output = spec.output(item)
@@ -230,8 +221,6 @@ def split_finished(items: Iterable[Item], spec: BatchSpec) -> tuple[list[Item], 
 
 def clear_partials(items: Iterable[Item], spec: BatchSpec) -> None:
     """Remove what killed writes (SIGKILL, a dead worker) left of these items: ``.<name>.<random>.partial``."""
-    from .cli.common import sidecar_path
-
     names = {p.name for item in items for p in (spec.output(item), sidecar_path(spec.output(item)))}
     if not names or not spec.out_dir.is_dir():
         return
@@ -260,80 +249,51 @@ def describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
 
 
-def prepare_job(item: Item, spec: BatchSpec, preset) -> Job:
+def prepare_job(item: Item, spec: BatchSpec) -> Job:
     """Validate one item (prompt, images, per-item settings) into a :class:`Job`; raises what animate would."""
-    from .cli.app import UsageError
-    from .cli.common import sampling_settings
-    from .images import load_image, prepare_image
-
     if not item.prompt or not item.prompt.strip():
-        raise UsageError(f"no prompt: add {item.image.stem}.txt, a --prompts row, or --prompt")
+        raise SettingsError("prompt", f"no prompt: add {item.image.stem}.txt, a prompts-file row, or a prompt for all")
     opts = {**spec.options, **item.overrides}
-    start = prepare_image(load_image(item.image), preset.height, preset.width)
-    end_path = opts.get("end_image")
-    end = prepare_image(load_image(end_path), preset.height, preset.width) if end_path else None
-    settings = sampling_settings(preset, *(opts.get(k) for k in ("steps", "cfg", "cfg_img", "eta", "fs", "frames")))
-    return Job(item, start, end, "interp" if end is not None else "i2v", settings, opts.get("negative_prompt", ""),
-               opts.get("image_scale"), seed_of(item, spec.seed), spec.output(item))
+    request = make_request(
+        spec.model, item.image, item.prompt, end_image=opts.get("end_image"), seed=seed_of(item, spec.seed),
+        negative_prompt=opts.get("negative_prompt", ""), image_scale=opts.get("image_scale"),
+        steps=opts.get("steps"), cfg_scale=opts.get("cfg"), cfg_img=opts.get("cfg_img"), eta=opts.get("eta"),
+        fs=opts.get("fs"), frames=opts.get("frames"),
+    )
+    return Job(item, request, spec.output(item))
 
 
-def prepare_jobs(items: Iterable[Item], spec: BatchSpec, preset) -> tuple[list[Job], list[Outcome]]:
+def prepare_jobs(items: Iterable[Item], spec: BatchSpec) -> tuple[list[Job], list[Outcome]]:
     """(jobs, a "failed" outcome for every item that cannot be animated); one bad item never stops the others."""
     jobs, failed = [], []
     for item in items:
         try:
-            jobs.append(prepare_job(item, spec, preset))
+            jobs.append(prepare_job(item, spec))
         except Exception as exc:
             failed.append(Outcome(item, "failed", error=describe(exc)))
     return jobs, failed
 
 
 def run_jobs(
-    net,
+    animator: Animator,
     jobs: Sequence[Job],
     spec: BatchSpec,
-    preset,
-    device: str,
-    dtype,
     *,
-    load_s: float = 0.0,
     callback: Callable[[int, int], None] | None = None,
 ) -> Iterator[Outcome]:
-    """Animate ``jobs`` in groups of compatible settings (``spec.batch_size`` per UNet call) with the loaded ``net``.
+    """Animate ``jobs`` on ``animator`` in groups of compatible settings (``spec.batch_size`` per UNet call).
 
-    Each video and then its sidecar are written atomically as its group finishes, and its outcome is yielded; a
+    Each video and then its sidecar are saved atomically as its group finishes, and its outcome is yielded; a
     group that fails yields "failed" outcomes and the next one goes on.  ``callback(step, steps)`` reports denoising.
     """
-    import torch
-
-    from .cli.common import make_record, sidecar_path
-    from .pipeline import animate, set_image_scale
-    from .video import video_to_uint8, write_frames, write_sidecar
-
-    fps = spec.fps or preset.fps
-    for group in group_for_batching(jobs, spec.batch_size, key=lambda j: j.group_key):
-        first, finished = group[0], 0
-        set_image_scale(net, 1.0 if first.image_scale is None else first.image_scale)
+    for group in group_for_batching(jobs, spec.batch_size, key=lambda j: j.request.batch_key):
+        finished = 0
         try:
-            started = time.perf_counter()
-            video = animate(  # (B, 3, T, H, W)
-                net, torch.cat([j.start for j in group]), [j.item.prompt for j in group], first.settings,
-                [j.seed for j in group], end=torch.cat([j.end for j in group]) if first.mode == "interp" else None,
-                mode=first.mode, negative_prompts=[j.negative_prompt for j in group], keep_encoders=True,
-                callback=callback,
-            )
-            timings = {"load_s": load_s, "generate_s": (time.perf_counter() - started) / len(group)}
-            for job, clip in zip(group, video):
-                frames = video_to_uint8(clip)  # (T, H, W, 3)
-                written = write_frames(frames, job.output, fps, spec.fmt)
-                record = make_record(
-                    image=job.item.image, prompt=job.item.prompt, negative_prompt=job.negative_prompt, preset=preset,
-                    checkpoint=spec.checkpoint, seed=job.seed, settings=job.settings, image_scale=job.image_scale,
-                    fps=fps, device=device, dtype=dtype, output=written, frames=frames, timings=timings, mode=job.mode,
-                )
-                write_sidecar(sidecar_path(written), record)
+            results = animator.run([j.request for j in group], progress=callback, keep_encoders=True)
+            for job, result in zip(group, results):
+                written = result.save(job.output, fmt=spec.fmt, fps=spec.fps, overwrite=True)
                 finished += 1
-                yield Outcome(job.item, "done", written, seed=job.seed)
+                yield Outcome(job.item, "done", written, seed=result.seed)
         except Exception as exc:  # a failing group is reported; the others go on
             for job in group[finished:]:
-                yield Outcome(job.item, "failed", error=describe(exc), seed=job.seed)
+                yield Outcome(job.item, "failed", error=describe(exc), seed=job.request.seed)

@@ -1,18 +1,19 @@
 """Speed and memory benchmark of the real pipeline: build/load, encode, UNet calls, guided DDIM steps, decode.
 
-:func:`run_benchmark` builds the chosen architecture (random weights from a seed, or a checkpoint), makes a
-synthetic start image and runs the pipeline's own functions in ``animate``'s order (``make_conditioning`` ->
-``seeded_noise`` -> ``sample`` -> ``decode_latents``), timing every stage with device synchronisation.  Per-call
+:func:`run_benchmark` loads the chosen architecture through the public API (:meth:`Animator.load`: random
+weights from a seed, or a checkpoint), makes a synthetic start image and runs the pipeline itself
+(:func:`~dynamicrafter.pipeline.animate`), which times its stages (encode, sample, decode) with device
+synchronisation when handed a :class:`~dynamicrafter.pipeline.StageTimes`; forward hooks on the UNet time its calls.  Per-call
 and per-step figures are medians over the sampling run without its first step, which carries one-time work
 (context projection, kernel selection, compilation).  The FLOPs of one UNet call are counted once, with
 ``torch.utils.flop_counter`` on a meta-device copy of the UNet fed the shapes of the real call, so counting costs
 no compute.  Peak memory is ``torch.cuda.max_memory_allocated`` over the whole run on CUDA, and the peak resident
 set size of the process (``resource.getrusage``; it includes whatever the process held before) on the CPU.
 
-On CUDA the pipeline's two memory policies apply, as in ``animate``: the text and image encoders (and the
-Resampler) leave the GPU once the conditioning is made (``pipeline.offload_encoders``), and the VAE decodes in
+On CUDA the pipeline's two memory policies apply, as in every run: the text and image encoders (and the
+Resampler) leave the GPU once the conditioning is made (``memory.offload_encoders``), and the VAE decodes in
 chunks sized so that decoding does not raise the peak already reached while sampling
-(``pipeline.decode_within_peak``).
+(``memory.decode_within_peak``).
 
 Shape letters: B batch, T frames, H x W pixels, h x w latent.  ``unet_batch`` is the batch of one UNet call: B times
 the guidance branches (1-3), times the windows of a long video.
@@ -31,14 +32,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import __version__
-from .checkpoint import build_random, load_model
+from .api import Animator
+from .models.context import UNetContext
 from .models.dynamicrafter import DynamiCrafter
 from .models.unet import UNet3D
-from .pipeline import (
-    SamplingSettings, decode_within_peak, latent_shape, make_conditioning, offload_encoders, sample, sampler_dtype,
-    seeded_noise,
-)
+from .pipeline import StageTimes, animate, latent_shape
 from .presets import Preset
+from .settings import SamplingSettings
 
 PROMPT = "a benchmark scene with gentle motion"
 
@@ -52,8 +52,8 @@ class BenchSpec:
     height: int
     width: int
     batch: int = 1
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
+    device: str | None = None  # None: cuda when available
+    dtype: str | None = None  # fp32/fp16/bf16; None: fp16 on cuda, fp32 elsewhere
     checkpoint: Path | None = None  # None: random weights from ``seed``
     compile: bool = False
     seed: int = 0
@@ -131,20 +131,22 @@ def device_name(device: torch.device) -> str:
 # FLOPs
 
 
-def unet_flops(model: DynamiCrafter, call: tuple[torch.Tensor, ...]) -> int:
-    """FLOPs of one UNet call with the shapes and dtypes of ``call`` = (x, timesteps, context, fs).
+def unet_flops(model: DynamiCrafter, x: torch.Tensor, timesteps: torch.Tensor, context: UNetContext) -> int:
+    """FLOPs of one UNet call with the shapes and dtypes of x, timesteps and a prepared ``context``.
 
-    Counted on a meta-device copy (no memory, no compute); the copy is called twice with the same context and the
-    second call is counted, as every sampling step after the first reuses the projected context.
+    Counted on a meta-device copy (no memory, no compute), without the once-per-run context projection
+    (``UNet3D.prepare``), as every sampling step reuses it.
     """
     with torch.device("meta"):
-        unet = UNet3D(model.cfg.unet).to(call[0].dtype).eval()
-    args = [torch.empty(a.shape, dtype=a.dtype, device="meta") if a is not None else None for a in call]
+        unet = UNet3D(model.cfg.unet).to(x.dtype).eval()
+        tokens = torch.empty(context.batch, context.tokens, model.cfg.unet.context_dim, dtype=x.dtype)
+        fs = torch.zeros(context.batch, dtype=torch.long) if context.fs_emb is not None else None
     counter = FlopCounterMode(display=False)
     with torch.no_grad():
-        unet(*args)
+        prepared = unet.prepare(tokens, fs, context.frames, context.image_scale)
+        meta_x, meta_t = (torch.empty(a.shape, dtype=a.dtype, device="meta") for a in (x, timesteps))
         with counter:
-            unet(*args)
+            unet(meta_x, meta_t, prepared)
     return counter.get_total_flops()
 
 
@@ -222,21 +224,14 @@ def synthetic_image(batch: int, height: int, width: int, seed: int) -> torch.Ten
     return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
 
 
-def build_model(spec: BenchSpec) -> DynamiCrafter:
-    cfg = spec.preset.model_config()
-    if spec.checkpoint is not None:
-        return load_model(cfg, spec.checkpoint, spec.device, spec.dtype, expected_model=spec.preset.name)
-    return build_random(cfg, spec.seed, spec.device, spec.dtype)
-
-
 def _timed_unet(model: DynamiCrafter, device: torch.device, calls: list[float], first_call: list) -> Callable[[], None]:
-    """Hooks that time every UNet call and keep the arguments (x, timesteps, context, fs) of the first one; returns
+    """Hooks that time every UNet call and keep the arguments (x, timesteps, context) of the first one; returns
     the function that removes them."""
     started: list[float] = []
 
     def before(_module, args, kwargs):
         if not first_call:
-            names = ("x", "timesteps", "context", "fs")[len(args) :]
+            names = ("x", "timesteps", "context")[len(args) :]
             first_call.extend([*args, *(kwargs.get(name) for name in names)])
         started.append(_clock(device))
 
@@ -252,58 +247,51 @@ def run_benchmark(spec: BenchSpec) -> BenchResult:
     """Run the pipeline once as specified and measure it (see the module docstring)."""
     if spec.batch < 1:
         raise ValueError(f"batch must be at least 1, got {spec.batch}")
-    device = torch.device(spec.device)
     settings = spec.settings
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if spec.device is not None and spec.device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(torch.device(spec.device))
 
-    start = _clock(device)
-    model = build_model(spec)
+    start = time.perf_counter()
+    animator = Animator.load(
+        spec.preset, checkpoint=spec.checkpoint, device=spec.device, dtype=spec.dtype, download=False,
+        random_weights=spec.checkpoint is None, weights_seed=spec.seed,
+    )
+    device, model = torch.device(animator.device), animator.net
     build_s = _clock(device) - start
-    shape = latent_shape(model, spec.batch, settings.frames, spec.height, spec.width)  # validates H and W
+    latent_shape(model, spec.batch, settings.frames, spec.height, spec.width)  # validates H and W
     if spec.compile:
-        model.unet = model.unet.compiled()
+        model.unet = torch.compile(model.unet)
 
     image = synthetic_image(spec.batch, spec.height, spec.width, spec.seed)
-    start = _clock(device)
-    cond = make_conditioning(model, image, [PROMPT] * spec.batch, settings)
-    encode_s = _clock(device) - start
-    offload_encoders(model)
-
-    seeds = [spec.seed + i for i in range(spec.batch)]
-    x_T, noise_fn = seeded_noise(
-        seeds, shape, device, sampler_dtype(model), window=settings.window, stride=settings.stride
-    )
     calls: list[float] = []
     first_call: list = []
     stamps: list[float] = []
+    times = StageTimes()
     remove = _timed_unet(model, device, calls, first_call)
     try:
-        begin = _clock(device)
-        latents = sample(model, cond, settings, x_T, noise_fn, callback=lambda i, total: stamps.append(_clock(device)))
+        video = animate(
+            model, image, [PROMPT] * spec.batch, settings, [spec.seed + i for i in range(spec.batch)],
+            callback=lambda i, total: stamps.append(_clock(device)), times=times,
+        )
     finally:
         remove()
+    encode_s, sample_s, decode_s = (times.seconds[k] for k in ("encode", "sample", "decode"))
+    begin = stamps[-1] - sample_s
     steps = [b - a for a, b in zip([begin, *stamps[:-1]], stamps)]
-    sample_s = stamps[-1] - begin
-
-    sample_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    start = _clock(device)
-    video, chunk = decode_within_peak(model, latents)
-    decode_s = _clock(device) - start
 
     if device.type == "cuda":
-        peak, kind = max(sample_peak, torch.cuda.max_memory_allocated(device)) / 2**30, "cuda max_memory_allocated"
+        peak, kind = times.peak_bytes / 2**30, "cuda max_memory_allocated"
     else:
         peak, kind = process_peak_rss_gib(), "process peak RSS"
     later_calls = calls[len(calls) // len(steps) :] or calls  # the calls of steps 2.., or all with one step
     unet_call_s = statistics.median(later_calls)
-    flop = unet_flops(model, tuple(first_call))
+    flop = unet_flops(model, *first_call[:3])
     return BenchResult(
         model=spec.preset.name,
         weights=str(spec.checkpoint) if spec.checkpoint else f"random (seed {spec.seed})",
         device=str(device),
         device_name=device_name(device),
-        dtype=str(spec.dtype).removeprefix("torch."),
+        dtype=str(animator.dtype).removeprefix("torch."),
         height=spec.height,
         width=spec.width,
         frames=settings.frames,
@@ -319,13 +307,13 @@ def run_benchmark(spec: BenchSpec) -> BenchResult:
         first_step_s=steps[0],
         sample_s=sample_s,
         decode_s=decode_s,
-        decode_chunk=chunk,
+        decode_chunk=times.decode_chunk,
         end_to_end_s=encode_s + sample_s + decode_s,
         peak_memory_gib=peak,
         memory_kind=kind,
         unet_tflop=flop / 1e12,
         tflops=flop / 1e12 / unet_call_s,
-        finite=bool(torch.isfinite(latents).all() and torch.isfinite(video).all()),
+        finite=bool(torch.isfinite(video).all()),
         torch=torch.__version__,
         version=__version__,
     )

@@ -278,3 +278,26 @@ def load_model(
     """Build the model for ``cfg`` and strictly load the checkpoint at ``path`` into it."""
     sd = read_checkpoint(path)
     return load_state(build_skeleton(cfg), sd, device, dtype, source=str(path), expected_model=expected_model)
+
+
+def convert_to_safetensors(checkpoint: str | Path, out: str | Path, model: str, dtype: str = "fp16") -> tuple[int, int]:
+    """Write a ``.safetensors`` copy of ``checkpoint`` with only the weights inference uses, in this tool's layout
+    and ``dtype`` (``fp32``/``fp16``/``bf16``), checked against ``model``'s architecture; atomically.  Returns
+    (tensors read, tensors written)."""
+    from safetensors.torch import save_file
+
+    from .devices import torch_dtype
+    from .files import atomic_path
+    from .presets import get_preset
+
+    target = torch_dtype(dtype)
+    sd = read_checkpoint(checkpoint)
+    skeleton = build_skeleton(get_preset(model).model_config())
+    converted = convert_checkpoint(sd, skeleton.cfg)
+    problems = check_state_dict(converted, skeleton.state_dict())
+    if problems:
+        raise CheckpointError(f"{checkpoint} does not fit the {model} model: {'; '.join(problems)}. {hint(sd)}")
+    tensors = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in converted.items()}
+    with atomic_path(Path(out)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt", "dynamicrafter_model": model, "dtype": dtype})
+    return len(sd), len(tensors)

@@ -1,7 +1,7 @@
-"""Image(s) + prompt + settings -> video, top to bottom.
+"""Image(s) + prompt + settings -> video, top to bottom: :func:`animate` runs the stages in order.
 
-    prepare_image -> encode_text / encode_image_context / encode_latents -> make_conditioning
-    -> sample (DDIM, guidance; overlapping windows for long videos) -> decode_latents -> video_to_uint8
+    make_conditioning (conditioning.py) -> seeded_noise -> sample (DDIM, guidance; overlapping windows for long
+    videos) -> decode_latents -> video in [-1, 1]  (video.py writes it)
 
 Letters: B batch, T frames, H x W pixels, h x w latent (H/8 x W/8), C context width, W_n frames per window,
 N windows.
@@ -15,14 +15,19 @@ Every function takes plain tensors or small dataclasses; nothing here prints (pr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from .conditioning import Conditioning, make_conditioning, placement
 from .long_video import blend_weights, fuse_windows, noise_index, split_windows, spread_frames, window_starts
+from .memory import bring_encoders, decode_within_peak, offload_encoders
+from .models.context import ImageScale
 from .models.dynamicrafter import DynamiCrafter
-from .models.encoders import vae_decode, vae_encode
+from .models.encoders import vae_decode
 from .sampling import (
     NonFiniteError,
     cfg_combine,
@@ -33,142 +38,20 @@ from .sampling import (
     rescale_guidance,
     sample_ddim,
 )
-from .tokenizer import get_tokenizer
+from .settings import SamplingSettings
 
-MODES = ("i2v", "interp", "loop")
 Progress = Callable[[int, int], None]
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    """What the sampler is asked to do (defaults: a preset's values; see ``Preset.sampling``)."""
-
-    steps: int = 50
-    cfg_scale: float = 7.5
-    cfg_img: float | None = None  # None: plain classifier-free guidance; a number: separate image guidance
-    eta: float = 1.0
-    fs: int | None = None  # None: the UNet's default_fs
-    guidance_rescale: float = 0.0
-    timestep_spacing: str = "uniform"
-    frames: int = 16
-    window: int = 16  # longer videos are denoised as overlapping windows of this many frames ...
-    stride: int = 8  # ... starting this many frames apart (half-window overlap: every frame seen twice)
-
-
-@dataclass
-class Conditioning:
-    """Everything the denoiser needs that does not change across steps."""
-
-    context: torch.Tensor  # (B, 77 + n_img, C) text then image tokens
-    uncond_context: torch.Tensor  # (B, 77 + n_img, C) negative/empty text, black-image tokens
-    image_only_context: torch.Tensor  # (B, 77 + n_img, C) empty text, real image tokens (multi-condition CFG)
-    concat: torch.Tensor  # (B, 4, T, h, w) image latent(s) concatenated to the noisy latent
-    fs: torch.Tensor  # (B,) long
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Encoding
-
-
-def _device_dtype(model: DynamiCrafter) -> tuple[torch.device, torch.dtype]:
-    p = next(model.unet.parameters())
-    return p.device, p.dtype
+# Denoising
 
 
 def sampler_dtype(model: DynamiCrafter) -> torch.dtype:
     """The dtype of the DDIM state (x_t, noise, step arithmetic): float32 under a fp16/bf16 UNet, whose rounding
     would otherwise enter every step (in bf16, sqrt(alpha) = 0.9995 rounds to 1); otherwise the UNet's."""
-    dtype = _device_dtype(model)[1]
+    dtype = placement(model)[1]
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-@torch.no_grad()
-def encode_text(model: DynamiCrafter, prompts: Sequence[str]) -> torch.Tensor:
-    """Prompts -> text tokens (B, 77, C)."""
-    device, _ = _device_dtype(model)
-    ids = get_tokenizer()(list(prompts), context_length=model.cfg.text.context_length).to(device)
-    return model.text_encoder(ids)
-
-
-@torch.no_grad()
-def encode_image_context(model: DynamiCrafter, images: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] -> Resampler context tokens (B, n_img, C)."""
-    _, dtype = _device_dtype(model)
-    tokens = model.image_encoder(images.to(dtype))  # (B, 257, W_clip)
-    return model.image_proj(tokens)
-
-
-@torch.no_grad()
-def encode_latents(model: DynamiCrafter, frames: torch.Tensor) -> torch.Tensor:
-    """Frames (N, 3, H, W) in [-1, 1] -> scaled posterior-mean latents (N, 4, h, w)."""
-    _, dtype = _device_dtype(model)
-    return vae_encode(model.vae, frames.to(dtype), model.cfg.diffusion.scale_factor)
-
-
-def concat_latent(start: torch.Tensor, end: torch.Tensor | None, mode: str, frames: int) -> torch.Tensor:
-    """Latents (B, 4, h, w) of the start (and end) image -> c_concat (B, 4, T, h, w).
-
-    i2v: the start latent on every frame; interp: start on frame 0, end on frame T-1, zeros between;
-    loop: like interp with the start image at both ends.  For a long (windowed) video T is the whole length: the
-    first window sees the start latent on its first frame, the last window the end latent on its last frame, and
-    windows in between see only zeros, the model's "frame to be generated" marker, so that all windows share one
-    timeline instead of each interpolating start -> end on its own.
-    """
-    if mode == "i2v":
-        return start.unsqueeze(2).repeat(1, 1, frames, 1, 1)
-    if mode not in ("interp", "loop"):
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    if mode == "interp" and end is None:
-        raise ValueError("interpolation needs an end image")
-    c = torch.zeros(*start.shape[:2], frames, *start.shape[2:], dtype=start.dtype, device=start.device)
-    c[:, :, 0] = start
-    c[:, :, -1] = start if mode == "loop" else end
-    return c
-
-
-@torch.no_grad()
-def make_conditioning(
-    model: DynamiCrafter,
-    start: torch.Tensor,
-    prompts: Sequence[str],
-    settings: SamplingSettings,
-    *,
-    end: torch.Tensor | None = None,
-    mode: str = "i2v",
-    negative_prompts: Sequence[str] | None = None,
-) -> Conditioning:
-    """Start (and end) images (B, 3, H, W) in [-1, 1] and B prompts -> :class:`Conditioning`.
-
-    The CLIP stream sees the start image only (also in interp/loop); the unconditional branch uses the negative
-    prompt (default empty) and the CLIP tokens of a black image, with the same concatenated latent.
-    """
-    device, _ = _device_dtype(model)
-    b = start.shape[0]
-    if len(prompts) != b:
-        raise ValueError(f"{len(prompts)} prompts for {b} images")
-    if mode == "interp" and end is not None and end.shape != start.shape:
-        raise ValueError(f"end images {tuple(end.shape)} must match the start images {tuple(start.shape)}")
-    negative = list(negative_prompts) if negative_prompts is not None else [""] * b
-    start = start.to(device)
-    text = encode_text(model, [*prompts, *negative])  # (2B, 77, C)
-    image = encode_image_context(model, torch.cat([start, torch.zeros_like(start)]))  # (2B, n_img, C)
-    txt_c, txt_u = text[:b], text[b:]
-    img_c, img_u = image[:b], image[b:]
-    z = encode_latents(model, start)  # (B, 4, h, w)
-    # separate VAE calls: an interpolation to the start image is then bit-identical to a loop
-    z_end = encode_latents(model, end.to(device)) if mode == "interp" and end is not None else None
-    fs = settings.fs if settings.fs is not None else model.cfg.unet.default_fs
-    return Conditioning(
-        context=torch.cat([txt_c, img_c], dim=1),
-        uncond_context=torch.cat([txt_u, img_u], dim=1),
-        image_only_context=torch.cat([txt_u, img_c], dim=1),
-        concat=concat_latent(z, z_end, mode, settings.frames),
-        fs=torch.full((b,), fs, dtype=torch.long, device=device),
-    )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Denoising
 
 
 def guided_denoiser(
@@ -183,14 +66,15 @@ def guided_denoiser(
     if multi:
         contexts.append(cond.image_only_context)
     n = len(contexts)
-    dtype = _device_dtype(model)[1]
-    context = torch.cat(contexts)  # (n*B, L, C)
-    fs = cond.fs.repeat(n)  # (n*B,)
+    dtype = placement(model)[1]
+    frames = cond.concat.shape[2]
+    # the step-invariant work, once per run: fs embedding, every layer's context keys and values, λ
+    context = model.unet.prepare(torch.cat(contexts), cond.fs.repeat(n), frames, cond.image_scale)  # (n*B, ...)
 
     def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:
         xin = torch.cat([x.to(dtype), cond.concat.to(dtype)], dim=1).repeat(n, 1, 1, 1, 1)  # (n*B, 8, T, h, w)
         ts = torch.full((xin.shape[0],), t, dtype=torch.long, device=x.device)
-        outs = model.unet(xin, ts, context, fs).to(x.dtype).chunk(n)  # guidance in the sampler's dtype
+        outs = model.unet(xin, ts, context).to(x.dtype).chunk(n)  # guidance in the sampler's dtype
         if not use_cfg:
             return outs[0]
         if multi:
@@ -207,7 +91,8 @@ def guided_denoiser(
 def _window_conditioning(cond: Conditioning, starts: Sequence[int], window: int) -> Conditioning:
     """The conditioning of N windows batched window-major: concat cropped per window, the rest repeated."""
     n = len(starts)
-    return Conditioning(
+    return replace(
+        cond,
         context=cond.context.repeat(n, 1, 1),  # (N*B, L, C)
         uncond_context=cond.uncond_context.repeat(n, 1, 1),
         image_only_context=cond.image_only_context.repeat(n, 1, 1),
@@ -327,9 +212,9 @@ def seeded_noise(
 def _way_out(dtype: torch.dtype) -> str:
     """The end of a NaN/inf message: the precision it happened in and what to try instead."""
     if dtype == torch.float16:
-        return " in float16; rerun with --dtype bf16 or --dtype fp32"
+        return " in float16; rerun with {setting} bf16 or {setting} fp32"
     if dtype == torch.bfloat16:
-        return " in bfloat16; rerun with --dtype fp32"
+        return " in bfloat16; rerun with {setting} fp32"
     return f" in {str(dtype).removeprefix('torch.')}: the checkpoint or the settings produce them, not the precision"
 
 
@@ -341,7 +226,7 @@ def decode_latents(model: DynamiCrafter, latents: torch.Tensor, chunk: int = 4) 
     alone in fp32, then the VAE goes back to its dtype (exactly: the round trip through fp32 is lossless).
     """
     b, c, t, h, w = latents.shape
-    _, dtype = _device_dtype(model)
+    _, dtype = placement(model)
     flat = latents.to(dtype).permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # (B*T, 4, h, w)
     scale = model.cfg.diffusion.scale_factor
     parts = []
@@ -354,73 +239,39 @@ def decode_latents(model: DynamiCrafter, latents: torch.Tensor, chunk: int = 4) 
             finally:
                 model.vae.to(dtype)
         if not torch.isfinite(frames).all():
-            raise NonFiniteError(f"the VAE decoded NaN/inf values{_way_out(dtype)}")
+            raise NonFiniteError("dtype", f"the VAE decoded NaN/inf values{_way_out(dtype)}")
         parts.append(frames if frames.dtype == torch.float64 else frames.float())
     frames = torch.cat(parts)
     return frames.reshape(b, t, *frames.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, 3, T, H, W)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Memory policies (CUDA): encoders on the GPU only while encoding, VAE chunks sized by memory
-
-
-def _encoders(model: DynamiCrafter) -> tuple[torch.nn.Module, ...]:
-    return model.text_encoder, model.image_encoder, model.image_proj
-
-
-def bring_encoders(model: DynamiCrafter) -> None:
-    """Put the text and image towers and the Resampler back where the UNet is (after :func:`offload_encoders`)."""
-    device = next(model.unet.parameters()).device
-    for tower in _encoders(model):
-        tower.to(device)
-
-
-def offload_encoders(model: DynamiCrafter) -> None:
-    """On CUDA, move the text and image towers and the Resampler to the CPU: they run once, before sampling."""
-    if next(model.unet.parameters()).device.type != "cuda":
-        return
-    for tower in _encoders(model):
-        tower.to("cpu")
-    torch.cuda.empty_cache()
-
-
-def decode_within_peak(model: DynamiCrafter, latents: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``decode_latents`` with the chunk size chosen by memory: (video (B, 3, T, H, W), frames per chunk).
-
-    On CUDA the first frame of every sample is decoded alone to measure the memory one frame needs; the rest goes in
-    the largest chunks that keep the allocation under the peak reached so far (sampling's) and within free memory,
-    at least one frame at a time.  Elsewhere 4 frames per chunk.  Resets CUDA's peak-memory statistics: a caller
-    that wants the run's peak reads it before.
-    """
-    device = latents.device
-    if device.type != "cuda":
-        return decode_latents(model, latents), 4
-    b, t = latents.shape[0], latents.shape[2]
-    run_peak = torch.cuda.max_memory_allocated(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    first = decode_latents(model, latents[:, :, :1], chunk=b)  # (B, 3, 1, H, W)
-    per_frame = max((torch.cuda.max_memory_allocated(device) - base) / b, 1.0)
-    headroom = min(run_peak - torch.cuda.memory_allocated(device), torch.cuda.mem_get_info(device)[0])
-    chunk = max(1, min(b * (t - 1), int(headroom // per_frame))) if t > 1 else b
-    video = first if t == 1 else torch.cat([first, decode_latents(model, latents[:, :, 1:], chunk)], dim=2)
-    return video, chunk
-
-
-# --------------------------------------------------------------------------------------------------------------
-# λ control
-
-
-def set_image_scale(
-    model: DynamiCrafter, value: float | Sequence[float], blocks: Iterable[int] | None = None
-) -> None:
-    """Set the image cross-attention scale λ on the chosen spatial-transformer indices (None: all): one value, or
-    one per sample of the batches that follow (see ``UNet3D.set_image_cross_attention_scale``)."""
-    model.unet.set_image_cross_attention_scale(value, blocks)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # All of it
+
+
+@dataclass
+class StageTimes:
+    """Filled by :func:`animate` when given: seconds per stage (``encode``, ``sample``, ``decode``; the device
+    synchronised at each boundary), the decode chunk, and on CUDA the peak memory of sampling and of the whole run."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    decode_chunk: int = 0
+    sample_peak_bytes: int = 0
+    peak_bytes: int = 0
+
+
+@contextlib.contextmanager
+def _stage(times: StageTimes | None, name: str, device: torch.device) -> Iterator[None]:
+    if times is None:
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times.seconds[name] = time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -434,34 +285,49 @@ def animate(
     end: torch.Tensor | None = None,
     mode: str = "i2v",
     negative_prompts: Sequence[str] | None = None,
+    image_scale: float | ImageScale | None = None,
     decode_chunk: int | None = None,
     window_batch: int | None = None,
     keep_encoders: bool = False,
     callback: Progress | None = None,
+    times: StageTimes | None = None,
 ) -> torch.Tensor:
     """Start (and end) images (B, 3, H, W) in [-1, 1], B prompts and B seeds -> video (B, 3, T', H, W) in [-1, 1].
 
     Any ``settings.frames``: up to ``settings.window`` one plain run, beyond it overlapping windows fused at every
     step with FreeNoise noise re-use (``window_batch`` windows per UNet batch; None: all).  T' = T - 1 for loop
-    (the last frame equals the first).  On CUDA the encoders leave the GPU after encoding unless ``keep_encoders``
-    (a caller with more runs to make), and ``decode_chunk`` None sizes the VAE chunks by memory
-    (:func:`decode_within_peak`; 4 frames elsewhere).
+    (the last frame equals the first).  ``image_scale``: λ (see :func:`make_conditioning`).  On CUDA the encoders
+    leave the GPU after encoding unless ``keep_encoders`` (a caller with more runs to make), and ``decode_chunk``
+    None sizes the VAE chunks by memory (:func:`~dynamicrafter.memory.decode_within_peak`; 4 frames elsewhere).
+    ``times``: filled with each stage's duration (see :class:`StageTimes`).
     """
-    device, dtype = _device_dtype(model)
+    device, dtype = placement(model)
     window_starts(settings.frames, settings.window, settings.stride)  # refuse bad windows before any work
     bring_encoders(model)
-    cond = make_conditioning(model, start, prompts, settings, end=end, mode=mode, negative_prompts=negative_prompts)
+    with _stage(times, "encode", device):
+        cond = make_conditioning(
+            model, start, prompts, settings, end=end, mode=mode, negative_prompts=negative_prompts,
+            image_scale=image_scale,
+        )
     if not keep_encoders:
         offload_encoders(model)
     shape = latent_shape(model, start.shape[0], settings.frames, start.shape[2], start.shape[3])
     x_T, noise_fn = seeded_noise(
         seeds, shape, device, sampler_dtype(model), window=settings.window, stride=settings.stride
     )
-    latents = sample(model, cond, settings, x_T, noise_fn, callback, window_batch=window_batch)
+    with _stage(times, "sample", device):
+        latents = sample(model, cond, settings, x_T, noise_fn, callback, window_batch=window_batch)
     if not torch.isfinite(latents).all():
-        raise NonFiniteError(f"sampling produced NaN/inf values{_way_out(dtype)}")
-    if decode_chunk is None:
-        video = decode_within_peak(model, latents)[0].clamp(-1.0, 1.0)
-    else:
-        video = decode_latents(model, latents, decode_chunk).clamp(-1.0, 1.0)
+        raise NonFiniteError("dtype", f"sampling produced NaN/inf values{_way_out(dtype)}")
+    sample_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    with _stage(times, "decode", device):
+        if decode_chunk is None:
+            video, decode_chunk = decode_within_peak(model, latents, decode_latents)
+        else:
+            video = decode_latents(model, latents, decode_chunk)
+    if times is not None:
+        times.decode_chunk, times.sample_peak_bytes = decode_chunk, sample_peak
+        if device.type == "cuda":
+            times.peak_bytes = max(sample_peak, torch.cuda.max_memory_allocated(device))
+    video = video.clamp(-1.0, 1.0)
     return video[:, :, :-1] if mode == "loop" else video

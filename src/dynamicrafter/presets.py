@@ -7,11 +7,12 @@ builds the matching :class:`~dynamicrafter.config.ModelConfig`.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import cache
 from importlib import resources
 
 from .config import ModelConfig, tiny_config
+from .settings import SamplingSettings
 
 
 class UnknownModelError(ValueError):
@@ -51,6 +52,24 @@ class Preset:
     @property
     def downloadable(self) -> bool:
         return self.repo is not None
+
+    def sampling(self, **overrides: object) -> SamplingSettings:
+        """This preset's sampler settings with ``overrides`` (None values keep the preset's), checked: a
+        :class:`~dynamicrafter.errors.SettingsError` names the first impossible one."""
+        known = {f.name for f in fields(SamplingSettings)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown sampling settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        base = SamplingSettings(
+            steps=self.steps,
+            cfg_scale=self.cfg_scale,
+            eta=self.eta,
+            fs=self.fs,
+            guidance_rescale=self.guidance_rescale,
+            timestep_spacing=self.timestep_spacing,
+            frames=self.frames,
+        )
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None}).checked()
 
     def model_config(self) -> ModelConfig:
         """The network configuration this preset runs with."""

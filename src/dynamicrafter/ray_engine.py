@@ -18,7 +18,6 @@ import contextlib
 import json
 import socket
 import sys
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .batch import BatchSpec, Item, Outcome, describe, prepare_jobs, run_jobs, seed_of
-from .presets import get_preset
+from .errors import SettingsError
 
 INSTALL_HINT = "pip install 'dynamicrafter[ray]'"
 MAX_RETRIES = 3  # restarts of a dead worker, and re-runs of each batch it held
@@ -36,8 +35,8 @@ class RayUnavailableError(ImportError):
     """Ray Data is not installed."""
 
 
-class ClusterTooSmallError(ValueError):
-    """The requested workers do not fit the Ray cluster."""
+class ClusterTooSmallError(SettingsError):
+    """The requested workers (or device) do not fit the Ray cluster."""
 
 
 class RayClusterError(ValueError):
@@ -49,7 +48,7 @@ def require_ray() -> None:
     try:
         import ray.data  # noqa: F401
     except ImportError as exc:
-        raise RayUnavailableError(f"--engine ray needs Ray Data, which is not installed ({exc.name or exc}); "
+        raise RayUnavailableError(f"the Ray engine needs Ray Data, which is not installed ({exc.name or exc}); "
                                   f"install it with: {INSTALL_HINT}") from None
 
 
@@ -75,16 +74,13 @@ class BatchWorker:
         import ray
         import torch
 
-        from .cli.common import load_for, resolve_device
+        from .api import Animator
 
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
-        self.spec, self.preset, self.error = spec, get_preset(spec.model), None
+        self.spec, self.error = spec, None
         try:  # a worker that cannot load the model reports it on each of its items, like a bad item
-            self.device, self.dtype = resolve_device(spec.device, spec.dtype)
-            started = time.perf_counter()
-            self.net = load_for(self.preset, spec.checkpoint, self.device, self.dtype, quiet=True)
-            self.load_s = time.perf_counter() - started
+            self.animator = Animator.load(spec.model, checkpoint=spec.checkpoint, device=spec.device, dtype=spec.dtype)
         except Exception as exc:
             self.error = describe(exc)
 
@@ -94,8 +90,8 @@ class BatchWorker:
         if self.error is not None:
             outcomes = [Outcome(item, "failed", error=self.error, seed=seed_of(item, self.spec.seed)) for item in items]
         else:
-            jobs, outcomes = prepare_jobs(items, self.spec, self.preset)
-            outcomes += run_jobs(self.net, jobs, self.spec, self.preset, self.device, self.dtype, load_s=self.load_s)
+            jobs, outcomes = prepare_jobs(items, self.spec)
+            outcomes += run_jobs(self.animator, jobs, self.spec)
         return {
             "name": [o.item.name for o in outcomes],
             "status": [o.status for o in outcomes],
@@ -125,22 +121,22 @@ def plan_workers(
     node_gpus = [n.get("GPU", 0.0) for n in nodes]
     node_cpus = [n.get("CPU", 0.0) for n in nodes]
     if device is not None and device.startswith("cuda") and not any(node_gpus):
-        raise ClusterTooSmallError("--device cuda was asked for, but the Ray cluster has no GPUs")
+        raise ClusterTooSmallError("device", "{setting} cuda was asked for, but the Ray cluster has no GPUs")
     if gpus is None:
         gpus = 1.0 if any(node_gpus) and device != "cpu" else 0.0
     if workers is None:
         workers = fits(node_gpus, gpus) if gpus > 0 else 1
     workers = max(1, min(workers, batches))
     if gpus > 0 and fits(node_gpus, gpus) < workers:
-        raise ClusterTooSmallError(f"{workers} workers with {gpus:g} GPU each do not fit the Ray cluster "
-                                   f"({sum(node_gpus):g} GPUs on {len(nodes)} node(s)); use fewer --workers")
+        raise ClusterTooSmallError("workers", f"{workers} workers with {gpus:g} GPU each do not fit the Ray cluster "
+                                   f"({sum(node_gpus):g} GPUs on {len(nodes)} node(s)); use fewer {{setting}}")
     if gpus > 0:
         cpus = 1.0
     else:  # CPU workers share the CPUs: the largest even share that still places every worker on some node
         shares = sorted({c / k for c in node_cpus for k in range(1, workers + 1) if c > 0}, reverse=True)
         cpus = next((s for s in shares if fits(node_cpus, s) >= workers), 0.0)
         if cpus <= 0:
-            raise ClusterTooSmallError("the Ray cluster has no CPUs")
+            raise ClusterTooSmallError("workers", "the Ray cluster has no CPUs")
     return WorkerPlan(workers, cpus, gpus)
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import NamesSetting
+
 from .config import DiffusionConfig
 
 ModelFn = Callable[[Tensor, int], Tensor]
@@ -27,8 +29,8 @@ NoiseFn = Callable[[int, tuple[int, ...]], Tensor]
 SPACINGS = ("uniform", "uniform_trailing")
 
 
-class NonFiniteError(RuntimeError):
-    """A sampling result holds NaN or inf (a reduced-precision overflow)."""
+class NonFiniteError(NamesSetting, RuntimeError):
+    """A sampling result holds NaN or inf (a reduced-precision overflow); names the ``dtype`` setting."""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""λ sweeps: which layers a λ applies to, the two measures, and the pictures (grid video, contact sheet, chart).
+"""λ sweeps: the same seed and noise at several image cross-attention scales λ, compared.
+
+Which layers a λ applies to, the videos (one UNet batch serves several λ: each sample carries its own), the two
+measures, and the files a sweep writes (grid video, one video per λ, contact sheet, chart, metrics.json).
 
 Motion = mean absolute difference between consecutive frames (uint8 frames scaled to [0, 1]).
 Input conformity = mean cosine similarity between the CLIP image embedding of the input photo and of each frame,
@@ -7,16 +10,27 @@ computed with the checkpoint's own vision tower and projection.
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from .config import UNetConfig
-from .pipeline import SamplingSettings, animate as run_animate, set_image_scale
+from .errors import SettingsError
+from .files import OutputError, atomic_path, ensure_writable_dir
+from .models.context import ImageScale
+from .pictures import chart, contact_sheet, grid_video
+from .pipeline import animate
+from .presets import Preset
+from .request import Request
+from .settings import SamplingSettings
+from .video import check_fps, video_to_uint8, write_frames, write_sidecar
 
 if TYPE_CHECKING:
     from .models.dynamicrafter import DynamiCrafter
@@ -24,8 +38,11 @@ if TYPE_CHECKING:
 LAYER_GROUPS = ("all", "input", "middle", "output")
 
 
-def layer_indices(cfg: UNetConfig, spec: str) -> list[int]:
-    """Spatial-transformer indices for ``all``/``input``/``middle``/``output`` or a comma list like ``0,3,5``."""
+def layer_indices(cfg: UNetConfig, spec: str | Sequence[int]) -> list[int]:
+    """Spatial-transformer indices for ``all``/``input``/``middle``/``output``, a comma list like ``0,3,5``, or a
+    sequence of indices."""
+    if not isinstance(spec, str):
+        spec = ",".join(str(int(i)) for i in spec)
     total = cfg.num_spatial_transformers
     n_in = (total - 1) * cfg.num_res_blocks // (2 * cfg.num_res_blocks + 1)  # input side of the total
     groups = {
@@ -40,29 +57,22 @@ def layer_indices(cfg: UNetConfig, spec: str) -> list[int]:
     try:
         chosen = sorted({int(part) for part in spec.split(",") if part.strip()})
     except ValueError:
-        raise ValueError(f"--layers must be all, input, middle, output or indices like 0,3,5 (got {spec!r})") from None
+        raise SettingsError("layers", f"{{setting}} must be all, input, middle, output or indices like 0,3,5 (got {spec!r})") from None
     if not chosen or chosen[0] < 0 or chosen[-1] >= total:
-        raise ValueError(f"--layers indices must be between 0 and {total - 1} (got {spec!r})")
+        raise SettingsError("layers", f"{{setting}} indices must be between 0 and {total - 1} (got {spec!r})")
     return chosen
 
 
-def parse_values(text: str) -> list[float]:
-    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0]: finite, distinct numbers, no empty entries."""
-    example = "e.g. 0,0.5,1"
-    parts = [v.strip() for v in text.split(",")]
-    if not any(parts):
-        raise ValueError(f"--values is empty ({example})")
-    if not all(parts):
-        raise ValueError(f"--values has an empty entry in {text!r} ({example})")
-    try:
-        values = [float(v) for v in parts]
-    except ValueError:
-        raise ValueError(f"--values must be numbers separated by commas, {example} (got {text!r})") from None
+def check_values(values: Sequence[float]) -> list[float]:
+    """The λ values of a sweep: at least one, finite, distinct."""
+    values = [float(v) for v in values]
+    if not values:
+        raise SettingsError("values", "{setting} is empty (e.g. 0,0.5,1)")
     if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"--values must be finite numbers (got {text!r})")
+        raise SettingsError("values", f"{{setting}} must be finite numbers (got {', '.join(f'{v:g}' for v in values)})")
     repeated = sorted({f"{v:g}" for v in values if values.count(v) > 1})
     if repeated:
-        raise ValueError(f"--values lists {', '.join(repeated)} more than once")
+        raise SettingsError("values", f"{{setting}} lists {', '.join(repeated)} more than once")
     return values
 
 
@@ -82,70 +92,6 @@ def conformity(image_encoder, photo: torch.Tensor, frames: np.ndarray) -> float:
     return float((embeds[1:] @ embeds[0]).mean())
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Pictures
-
-
-def _font(size: int = 14):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def label_frame(frame: np.ndarray, text: str, strip: int = 20) -> np.ndarray:
-    """A frame with a white label strip on top."""
-    h, w, _ = frame.shape
-    canvas = Image.new("RGB", (w, h + strip), "white")
-    canvas.paste(Image.fromarray(frame), (0, strip))
-    ImageDraw.Draw(canvas).text((4, 3), text, fill="black", font=_font())
-    return np.asarray(canvas)
-
-
-def grid_video(videos: Sequence[np.ndarray], labels: Sequence[str]) -> np.ndarray:
-    """Side-by-side labelled videos: list of (T, H, W, 3) -> (T, H + strip, W·n, 3)."""
-    return np.stack([
-        np.concatenate([label_frame(v[t], label) for v, label in zip(videos, labels)], axis=1)
-        for t in range(videos[0].shape[0])
-    ])
-
-
-def contact_sheet(videos: Sequence[np.ndarray], labels: Sequence[str]) -> Image.Image:
-    """One row per video: first, middle and last frame, labelled."""
-    rows = []
-    for video, label in zip(videos, labels):
-        t = video.shape[0]
-        picks = [(0, "first"), (t // 2, "middle"), (t - 1, "last")]
-        rows.append(np.concatenate([label_frame(video[i], f"{label} {name}") for i, name in picks], axis=1))
-    return Image.fromarray(np.concatenate(rows, axis=0))
-
-
-def chart(values: Sequence[float], series: dict[str, Sequence[float]], size=(360, 220)) -> Image.Image:
-    """Small line charts (one panel per series) of each measure against λ."""
-    w, h = size
-    image = Image.new("RGB", (w * len(series), h), "white")
-    draw = ImageDraw.Draw(image)
-    font = _font(12)
-    colours = ["#1f77b4", "#d62728", "#2ca02c"]
-    for panel, (name, ys) in enumerate(series.items()):
-        x0, y0, x1, y1 = panel * w + 50, 25, panel * w + w - 15, h - 35
-        draw.rectangle((x0, y0, x1, y1), outline="black")
-        draw.text((x0, 5), f"{name} vs lambda", fill="black", font=font)
-        lo, hi = min(ys), max(ys)
-        hi = hi if hi > lo else lo + 1e-6
-        xl, xh = min(values), max(values)
-        xh = xh if xh > xl else xl + 1e-6
-        points = [(x0 + (x - xl) / (xh - xl) * (x1 - x0), y1 - (y - lo) / (hi - lo) * (y1 - y0)) for x, y in zip(values, ys)]
-        if len(points) > 1:
-            draw.line(points, fill=colours[panel % 3], width=2)
-        for (px, py), x in zip(points, values):
-            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colours[panel % 3])
-            draw.text((px - 8, y1 + 5), f"{x:g}", fill="black", font=font)
-        draw.text((panel * w + 2, y0), f"{hi:.3g}", fill="black", font=font)
-        draw.text((panel * w + 2, y1 - 12), f"{lo:.3g}", fill="black", font=font)
-    return image
-
-
 def sweep_videos(
     net: DynamiCrafter,
     start: torch.Tensor,
@@ -163,33 +109,126 @@ def sweep_videos(
     """One video (3, T, H, W) per λ, and the batch size that ran.
 
     The λ values are the samples of one batch (``batch_size`` at a time; None: all), each with its own λ on
-    ``blocks`` (every other layer has λ = 1, and all are back at 1 afterwards) and the same seed, hence the same
-    noise.  On a CUDA out-of-memory error the batch is halved and the chunk retried.  The encoders stay where the
-    UNet is (the conformity measure uses the vision tower next); the videos come back on the CPU.  ``start`` (and
-    ``end``, interpolation) is (1, 3, H, W); ``callback(step, steps)`` follows the denoising of each chunk.
+    ``blocks`` (every other layer has λ = 1) and the same seed, hence the same noise.  On a CUDA out-of-memory
+    error the batch is halved and the chunk retried.  The encoders stay where the UNet is (the conformity measure
+    uses the vision tower next); the videos come back on the CPU.  ``start`` (and ``end``, interpolation) is
+    (1, 3, H, W); ``callback(step, steps)`` follows the denoising of each chunk.
     """
     size = min(batch_size or len(lambdas), len(lambdas))
     videos: list[torch.Tensor] = []
-    set_image_scale(net, 1.0)
-    try:
-        while len(videos) < len(lambdas):
-            chunk = lambdas[len(videos) : len(videos) + size]
-            n = len(chunk)
-            set_image_scale(net, chunk, blocks)
-            try:
-                out = run_animate(
-                    net, start.expand(n, -1, -1, -1), [prompt] * n, settings, [seed] * n,
-                    end=None if end is None else end.expand(n, -1, -1, -1), mode="i2v" if end is None else "interp",
-                    negative_prompts=[negative_prompt] * n, keep_encoders=True, callback=callback,
-                )
-            except torch.cuda.OutOfMemoryError:
-                if n == 1:
-                    raise
-                size = n // 2
-            else:
-                videos.extend(out.cpu().unbind(0))  # finished videos leave the GPU
-                continue
-            torch.cuda.empty_cache()  # outside the handler: the failed run's tensors are released by now
-    finally:
-        set_image_scale(net, 1.0)
+    while len(videos) < len(lambdas):
+        chunk = lambdas[len(videos) : len(videos) + size]
+        n = len(chunk)
+        try:
+            out = animate(
+                net, start.expand(n, -1, -1, -1), [prompt] * n, settings, [seed] * n,
+                end=None if end is None else end.expand(n, -1, -1, -1), mode="i2v" if end is None else "interp",
+                negative_prompts=[negative_prompt] * n, image_scale=ImageScale.of(chunk, blocks),
+                keep_encoders=True, callback=callback,
+            )
+        except torch.cuda.OutOfMemoryError:
+            if n == 1:
+                raise
+            size = n // 2
+        else:
+            videos.extend(out.cpu().unbind(0))  # finished videos leave the GPU
+            continue
+        torch.cuda.empty_cache()  # outside the handler: the failed run's tensors are released by now
     return videos, size
+
+
+@dataclass
+class SweepResult:
+    """The videos of a λ sweep (uint8 (T, H, W, 3) per λ) and their measures; :meth:`save` writes them all."""
+
+    request: Request
+    model: str
+    layers: str
+    blocks: list[int]
+    lambdas: list[float]
+    clips: list[np.ndarray]
+    rows: list[dict[str, Any]]  # per λ: lambda, motion, conformity, video (name inside the sweep folder)
+    batch_size: int
+    fps: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        r = self.request
+        return {
+            "image": r.image, "prompt": r.prompt, "model": self.model, "seed": r.seed, "layers": self.layers,
+            "blocks": self.blocks, "batch_size": self.batch_size, "settings": r.settings.__dict__,
+            "results": self.rows, "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+    def save(self, folder: str | Path, *, fps: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+        """Write ``grid.mp4``, one ``lambda_<v>.mp4`` per λ, ``contact_sheet.png``, ``chart.png`` and
+        ``metrics.json`` (the record, returned) into ``folder``; each file atomically.  A folder that already holds
+        a sweep is replaced only with ``overwrite`` (then the videos of λ values no longer swept are removed)."""
+        folder = ensure_writable_dir(Path(folder))
+        if (folder / "metrics.json").exists() and not overwrite:
+            raise OutputError(f"{folder} already holds a sweep; save with overwrite=True to replace it")
+        check_fps(fps)
+        fps = fps or self.fps
+        labels = [f"lambda={v:g}" for v in self.lambdas]
+        for row, clip in zip(self.rows, self.clips):
+            write_frames(clip, folder / row["video"], fps)
+        write_frames(grid_video(self.clips, labels), folder / "grid.mp4", fps)
+        series = {"motion": [r["motion"] for r in self.rows], "conformity": [r["conformity"] for r in self.rows]}
+        for name, picture in (("contact_sheet.png", contact_sheet(self.clips, labels)),
+                              ("chart.png", chart(self.lambdas, series))):
+            with atomic_path(folder / name) as tmp:
+                picture.save(tmp)
+        record = self.record()
+        previous = earlier_videos(folder / "metrics.json")
+        write_sidecar(folder / "metrics.json", record)
+        for name in previous - {r["video"] for r in self.rows}:  # an overwritten sweep's videos for λ no longer swept
+            (folder / name).unlink(missing_ok=True)
+        return record
+
+
+def earlier_videos(metrics: Path) -> set[str]:
+    """The per-λ video names an earlier sweep recorded in ``metrics`` (plain names inside the folder only)."""
+    try:
+        rows = json.loads(metrics.read_text())["results"]
+        names = {Path(r["video"]).name for r in rows}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {n for n in names if n.startswith("lambda_") and n.endswith(".mp4")}
+
+
+def run_sweep(
+    net: DynamiCrafter,
+    preset: Preset,
+    request: Request,
+    values: Sequence[float],
+    layers: str | Sequence[int] = "all",
+    batch_size: int | None = None,
+    progress: Callable[[int, int], object] | None = None,
+    *,
+    load_s: float = 0.0,
+) -> SweepResult:
+    """Animate ``request`` with ``preset``'s network ``net`` once per λ (see :func:`sweep_videos`) and measure
+    every video."""
+    lambdas = check_values(values)
+    blocks = layer_indices(preset.model_config().unet, layers)
+    if request.mode == "loop" or request.image_scale is not None or request.samples != 1:
+        raise SettingsError("values", "a λ sweep takes one photo (and end_image), without loop, image_scale or samples")
+    if batch_size is not None and batch_size < 1:
+        raise SettingsError("batch_size", f"{{setting}} must be at least 1 (got {batch_size})")
+    started = time.perf_counter()
+    video, used = sweep_videos(
+        net, request.start, request.prompt, request.settings, request.seed, lambdas, blocks, end=request.end,
+        negative_prompt=request.negative_prompt, batch_size=batch_size, callback=progress,
+    )
+    generate_s = time.perf_counter() - started
+    clips = [video_to_uint8(v) for v in video]
+    rows = [
+        {"lambda": v, "motion": motion(c), "conformity": conformity(net.image_encoder, request.start, c),
+         "video": f"lambda_{v:g}.mp4"}  # relative to the sweep folder
+        for v, c in zip(lambdas, clips)
+    ]
+    layer_name = layers if isinstance(layers, str) else ",".join(str(i) for i in blocks)
+    return SweepResult(
+        request=request, model=preset.name, layers=layer_name, blocks=blocks, lambdas=lambdas, clips=clips,
+        rows=rows, batch_size=used, fps=preset.fps, timings={"load_s": load_s, "generate_s": generate_s},
+    )

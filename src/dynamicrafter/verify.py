@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,17 +22,10 @@ from .checkpoint import CheckpointError, load_model
 from .config import from_reference
 from .images import load_image, prepare_image
 from .models.encoders import clip_preprocess
-from .pipeline import (
-    SamplingSettings,
-    decode_latents,
-    encode_image_context,
-    encode_latents,
-    encode_text,
-    guided_denoiser,
-    make_conditioning,
-    sample,
-    set_image_scale,
-)
+from .conditioning import encode_image_context, encode_latents, encode_text, make_conditioning
+from .models.context import ImageScale
+from .pipeline import decode_latents, guided_denoiser, sample
+from .settings import SamplingSettings
 from .sampling import ddim_timesteps
 from .tokenizer import get_tokenizer
 from .video import video_to_uint8
@@ -135,15 +128,17 @@ def run_scenario(folder: str | Path, checkpoint: str | Path | None = None) -> It
         probe = SamplingSettings(cfg_scale=1.0, fs=settings.fs, frames=frames)  # one raw, unguided UNet call
         t = int(inputs["probe_t"])
         x_t = expected["probe_x_t"]
-        run = lambda context: guided_denoiser(model, _with_context(cond, context), probe)(x_t, t)  # noqa: E731
+
+        def run(context: torch.Tensor, image_scale: float | None = None) -> torch.Tensor:
+            scale = None if image_scale is None else ImageScale.of(image_scale)
+            return guided_denoiser(model, replace(cond, context=context, image_scale=scale), probe)(x_t, t)
+
         if has("probe_unet_out"):
             yield compare("probe_unet_out", run(cond.context), expected)
         if has("probe_unet_out_uncond"):
             yield compare("probe_unet_out_uncond", run(cond.uncond_context), expected)
         for key in sorted(k for k in expected if k.startswith(LAMBDA_PREFIX)):
-            set_image_scale(model, float(key[len(LAMBDA_PREFIX) :]))
-            yield compare(key, run(cond.context), expected)
-            set_image_scale(model, 1.0)
+            yield compare(key, run(cond.context, float(key[len(LAMBDA_PREFIX) :])), expected)
 
     if has("sample_ddim_timesteps"):
         yield compare("sample_ddim_timesteps", ddim_timesteps(settings.steps, settings.timestep_spacing), expected)
@@ -158,12 +153,6 @@ def run_scenario(folder: str | Path, checkpoint: str | Path | None = None) -> It
         if has("frames_uint8"):
             frames_u8 = torch.from_numpy(video_to_uint8(video[0]))
             yield compare("frames_uint8", frames_u8[:-1] if mode == "loop" else frames_u8, expected)
-
-
-def _with_context(cond, context: torch.Tensor):
-    from dataclasses import replace
-
-    return replace(cond, context=context)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,29 +1,22 @@
 """Writing frames: MP4 (H.264, yuv420p), GIF, WebP or a folder of PNGs, plus the JSON sidecar.
 
-Every writer goes through a temporary name in the destination folder and an atomic rename, so an interrupted or
-failed write never leaves a partial file under the final name.
+Every writer goes through :func:`~dynamicrafter.files.atomic_path` (a temporary name in the destination folder and
+an atomic rename), so an interrupted or failed write never leaves a partial file under the final name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .errors import SettingsError
+from .files import OutputError, atomic_path
+
 FORMATS = ("mp4", "gif", "webp", "png")
-
-
-class OutputError(OSError):
-    """An output that cannot be written."""
 
 
 def video_to_uint8(video: torch.Tensor) -> np.ndarray:
@@ -42,63 +35,10 @@ def format_for(path: Path) -> str:
     raise OutputError(f"unsupported output type '.{suffix}' (use .mp4, .gif, .webp, or a folder for PNG frames)")
 
 
-def ensure_writable_dir(folder: Path) -> Path:
-    """Create ``folder`` if needed; raise OutputError when it cannot be created or written."""
-    folder = Path(folder) if str(folder) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from exc
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"output folder is not writable: {folder}")
-    return folder
-
-
-FRAME_NAME = re.compile(r"frame_\d{4}\.png")
-
-
-def check_replaceable(final: Path) -> None:
-    """Raise OutputError unless ``final`` may be replaced by an output: a file, a missing path, or a frame folder
-    this tool wrote (nothing but ``frame_NNNN.png`` files).  Never the current folder or one holding anything else.
-    """
-    final = Path(final)
-    if final.name in ("", ".", ".."):
-        raise OutputError(f"cannot write an output to {final or '.'}: name a file or a new folder")
-    if final.is_dir():
-        others = [p.name for p in final.iterdir() if not FRAME_NAME.fullmatch(p.name)]
-        if others:
-            raise OutputError(f"refusing to replace folder {final}: it holds other files ({others[0]}, ...)")
-
-
-@contextlib.contextmanager
-def atomic_path(final: Path, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final`` (same suffix); on success rename it to ``final``, else remove it.
-
-    A frame folder being replaced (see :func:`check_replaceable`) is moved aside first and deleted only once the new
-    one is in place; on failure it is put back.
-    """
-    final = Path(final)
-    check_replaceable(final)
-    parent = ensure_writable_dir(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
-    target = tmp / "out" if is_dir else tmp / f"out{final.suffix}"
-    if is_dir:
-        target.mkdir(mode=0o777)  # the permissions of any new folder (mkdtemp's own are private)
-    old = tmp / "old"
-    try:
-        yield target
-        if final.is_dir():
-            os.replace(final, old)
-        try:
-            os.replace(target, final)
-        except OSError:
-            if old.exists():
-                os.replace(old, final)
-            raise
-    except OSError as exc:
-        raise OutputError(f"could not write {final}: {exc.strerror or exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def check_fps(fps: int | None) -> None:
+    """The frame rate of a written video, when given: a positive whole number."""
+    if fps is not None and fps < 1:
+        raise SettingsError("fps", f"{{setting}} must be at least 1 (got {fps})")
 
 
 def write_frames(frames: np.ndarray, path: str | Path, fps: int, fmt: str | None = None) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,14 +12,15 @@ import typer
 from .app import UsageError, app, console, handle_errors
 from .common import (
     CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, FpsOpt, FsOpt, JsonOpt, LambdaOpt,
-    ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path, check_fps,
-    check_prompt, load_for, make_record, progress_bar, resolve_device, sampling_settings, sidecar_path, timed,
+    ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path,
+    load_animator, progress_bar, warn_if_truncated,
 )
 
 
 def output_paths(image: Path, out: Path | None, fmt: str | None, samples: int) -> tuple[list[Path], str]:
     """Final output paths (one per sample) and the format; refuses unknown formats."""
-    from ..video import FORMATS, OutputError, format_for
+    from ..files import OutputError
+    from ..video import FORMATS, format_for
 
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -74,22 +74,22 @@ def animate(
     as_json: JsonOpt = False,
 ) -> None:
     """Animate IMAGE following PROMPT; writes the video and a JSON sidecar with every setting."""
-    from ..images import load_image, prepare_image
-    from ..long_video import window_starts
-    from ..pipeline import animate as run_animate, set_image_scale
+    from ..api import make_request
+    from ..devices import resolve_device
+    from ..files import OutputError, check_replaceable, ensure_writable_dir, sidecar_path
     from ..presets import get_preset
-    from ..video import OutputError, check_replaceable, ensure_writable_dir, video_to_uint8, write_frames, write_sidecar
+    from ..video import check_fps
 
     # 1. Validate every input before the model loads.
     preset = get_preset(model)
-    picture = load_image(image)
-    end_picture = load_image(end_image) if end_image is not None else None
     if loop and end_image is not None:
         raise UsageError("--loop and --end-image exclude each other")
-    mode = "loop" if loop else ("interp" if end_image is not None else "i2v")
-    check_prompt(prompt)
-    if samples < 1:
-        raise UsageError(f"--samples must be at least 1 (got {samples})")
+    warn_if_truncated(prompt)
+    request = make_request(
+        preset, image, prompt, end_image=end_image, loop=loop, seed=seed, samples=samples,
+        negative_prompt=negative_prompt, image_scale=image_scale, steps=steps, cfg_scale=cfg, cfg_img=cfg_img,
+        eta=eta, fs=fs, frames=frames, window=window, stride=stride,
+    )
     outputs, fmt = output_paths(image, out, fmt, samples)
     for path in outputs:
         try:
@@ -107,55 +107,27 @@ def animate(
     ensure_writable_dir(outputs[0].parent)
     check_checkpoint_path(checkpoint)
     torch_device, torch_dtype = resolve_device(device, dtype)
-    settings = sampling_settings(preset, steps, cfg, cfg_img, eta, fs, frames)
     check_fps(fps)
-    settings = replace(
-        settings,
-        window=settings.window if window is None else window,
-        stride=settings.stride if stride is None else stride,
-    )
-    try:
-        window_starts(settings.frames, settings.window, settings.stride)
-    except ValueError as exc:
-        raise UsageError(f"--window/--stride: {exc}") from None
+    mode = request.mode
     if (mode == "i2v") != (preset.mode == "i2v") and preset.architecture != "tiny" and not quiet:
         hint = "--end-image/--loop are meant for the 512-interp model" if mode != "i2v" else "the 512-interp model wants --end-image or --loop"
         console.print(f"[yellow]warning:[/] {hint}", markup=True)
-    start = prepare_image(picture, preset.height, preset.width)
-    end = prepare_image(end_picture, preset.height, preset.width) if end_picture is not None else None
     if verbose and not quiet:
-        console.print(f"model {preset.name} on {torch_device} ({torch_dtype}), mode {mode}, {settings}")
+        console.print(f"model {preset.name} on {torch_device} ({torch_dtype}), mode {mode}, {request.settings}")
 
     # 2. Load, generate, write.
-    timings: dict[str, float] = {}
-    with timed(timings, "load_s"):
-        net = load_for(preset, checkpoint, torch_device, torch_dtype, quiet=quiet)
-    if image_scale is not None:
-        set_image_scale(net, image_scale)
-    seeds = [seed + i for i in range(samples)]
-    with timed(timings, "generate_s"), progress_bar(quiet) as progress:
+    animator = load_animator(preset, checkpoint, device, dtype, quiet=quiet)
+    with progress_bar(quiet) as progress:
         task = progress.add_task("denoising", total=None)
-        video = run_animate(
-            net, start.repeat(samples, 1, 1, 1), [prompt] * samples, settings, seeds,
-            end=None if end is None else end.repeat(samples, 1, 1, 1), mode=mode,
-            negative_prompts=[negative_prompt] * samples,
-            callback=lambda i, total: progress.update(task, completed=i + 1, total=total),
-        )
+        results = animator.run([request], progress=lambda i, total: progress.update(task, completed=i + 1, total=total))
     summary = []
-    for path, sample_seed, clip in zip(outputs, seeds, video):
-        frames_u8 = video_to_uint8(clip)
-        written = write_frames(frames_u8, path, fps or preset.fps, fmt)
-        record = make_record(
-            image=image, prompt=prompt, negative_prompt=negative_prompt, preset=preset, checkpoint=checkpoint,
-            seed=sample_seed, settings=settings, image_scale=image_scale, fps=fps or preset.fps,
-            device=torch_device, dtype=torch_dtype, output=written, frames=frames_u8, timings=timings,
-            mode=mode, end_image=str(end_image) if end_image else None,
-        )
-        sidecar = write_sidecar(sidecar_path(written), record)
-        summary.append({**record, "sidecar": str(sidecar)})
+    for path, result in zip(outputs, results):
+        written = result.save(path, fmt=fmt, fps=fps, overwrite=True)
+        record = result.record(written, fps)
+        summary.append({**record, "sidecar": str(sidecar_path(written))})
         if not quiet and not as_json:
-            console.print(f"[green]wrote[/] {written} ({frames_u8.shape[0]} frames) and {sidecar}", markup=True)
+            console.print(f"[green]wrote[/] {written} ({result.frames.shape[0]} frames) and {sidecar_path(written)}", markup=True)
     if verbose and not quiet:
-        console.print(f"load {timings['load_s']:.1f} s, generate {timings['generate_s']:.1f} s")
+        console.print(f"load {animator.load_s:.1f} s, generate {sum(r.timings['generate_s'] for r in results):.1f} s")
     if as_json:
         sys.stdout.write(json.dumps(summary[0] if samples == 1 else summary) + "\n")

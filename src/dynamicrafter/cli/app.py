@@ -38,8 +38,23 @@ class UsageError(ValueError):
     """A bad option value or combination."""
 
 
-class MissingWeightsError(FileNotFoundError):
-    """A preset whose weights are not on this machine."""
+# The library names a setting as the Python API spells it; the CLI shows the flag that sets it.
+FLAGS = {
+    "steps": "--steps", "cfg_scale": "--cfg", "cfg_img": "--cfg-img", "eta": "--eta", "fs": "--fs",
+    "frames": "--frames", "window": "--window/--stride", "image_scale": "--lambda", "samples": "--samples",
+    "fps": "--fps", "device": "--device", "dtype": "--dtype", "layers": "--layers", "values": "--values",
+    "shard": "--shard", "workers": "--workers", "batch_size": "--batch-size", "loop": "--loop",
+    "end_image": "--end-image", "random_weights": "--random-weights",
+}
+
+
+def message(exc: BaseException) -> str:
+    """The one-line message of an expected failure, a setting it names shown as its flag."""
+    from ..errors import NamesSetting
+
+    if isinstance(exc, NamesSetting):
+        return exc.message_for(FLAGS.get(exc.setting, exc.setting))
+    return str(exc)
 
 
 def exit_code(exc: BaseException) -> int | None:
@@ -49,13 +64,16 @@ def exit_code(exc: BaseException) -> int | None:
     import the networks and their libraries.
     """
     from ..checkpoint import CheckpointError
+    from ..errors import SettingsError
+    from ..files import OutputError
+    from ..hub import MissingWeightsError
     from ..images import ImageError
     from ..presets import UnknownModelError
     from ..sampling import NonFiniteError
-    from ..video import OutputError
 
     errors: dict[type[BaseException], int] = {
         UsageError: EXIT_USAGE,
+        SettingsError: EXIT_USAGE,
         UnknownModelError: EXIT_USAGE,
         ImageError: EXIT_FAILED,
         CheckpointError: EXIT_FAILED,
@@ -102,7 +120,7 @@ def handle_errors(command: F) -> F:
             code = exit_code(exc)
             if code is None or state["debug"]:
                 raise
-            raise fail(str(exc), code) from None
+            raise fail(escape(message(exc)), code) from None
 
     return wrapper  # type: ignore[return-value]
 

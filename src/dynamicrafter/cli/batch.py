@@ -1,7 +1,8 @@
 """``dynamicrafter batch FOLDER``: every photo of a folder, resumable, sharded, one model load per worker.
 
 Two engines run the same library code (:func:`~dynamicrafter.batch.prepare_jobs` and
-:func:`~dynamicrafter.batch.run_jobs`): ``local`` in this process, ``ray`` on a Ray cluster
+:func:`~dynamicrafter.batch.run_jobs`, on an :class:`~dynamicrafter.api.Animator`): ``local`` in this process,
+``ray`` on a Ray cluster
 (:mod:`dynamicrafter.ray_engine`).  This module parses and validates, skips finished items, and prints the summary;
 the exit code is 1 if any item failed.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -23,12 +23,11 @@ from rich.table import Table
 from ..batch import (
     BatchSpec, Item, Outcome, clear_partials, collect_items, parse_shard, prepare_jobs, run_jobs, shard, split_finished,
 )
-from ..ray_engine import ClusterTooSmallError
 from .app import EXIT_FAILED, EXIT_INTERRUPTED, UsageError, app, console, handle_errors
 from .common import (
     CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, FpsOpt, FsOpt, JsonOpt, LambdaOpt,
-    ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path, check_fps,
-    check_device_names, load_for, progress_bar, resolve_device, sampling_settings,
+    ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path,
+    load_animator, progress_bar,
 )
 
 ENGINES = ("local", "ray")
@@ -64,23 +63,20 @@ def check_engine(engine: str, address: str | None, workers: int | None, gpus_per
     try:
         require_ray()
     except RayUnavailableError as exc:
-        raise UsageError(escape(str(exc))) from None  # escaped: the error line is rich markup
+        raise UsageError(str(exc)) from None
 
 
 def run_local(items: Sequence[Item], spec: BatchSpec, preset, quiet: bool) -> Iterator[Outcome]:
     """Validate every item first, then load the model once (only if something is left) and run the jobs here."""
-    jobs, failed = prepare_jobs(items, spec, preset)
+    jobs, failed = prepare_jobs(items, spec)
     yield from failed
     if not jobs:
         return
-    device, dtype = resolve_device(spec.device, spec.dtype)
-    started = time.perf_counter()
-    net = load_for(preset, spec.checkpoint, device, dtype, quiet=quiet)
-    load_s = time.perf_counter() - started
+    animator = load_animator(preset, spec.checkpoint, spec.device, spec.dtype, quiet=quiet)
     with progress_bar(quiet) as progress:
         overall = progress.add_task("photos", total=len(jobs))
         steps = progress.add_task("denoising", total=None)
-        for outcome in run_jobs(net, jobs, spec, preset, device, dtype, load_s=load_s,
+        for outcome in run_jobs(animator, jobs, spec,
                                 callback=lambda i, total: progress.update(steps, completed=i + 1, total=total)):
             progress.update(overall, advance=1)
             yield outcome
@@ -121,8 +117,10 @@ def batch(
     as_json: JsonOpt = False,
 ) -> None:
     """Animate every photo in FOLDER; reruns skip finished items; exit code 1 if any item failed."""
+    from ..devices import check_device_names, resolve_device
+    from ..files import ensure_writable_dir
     from ..presets import get_preset
-    from ..video import FORMATS, ensure_writable_dir
+    from ..video import FORMATS, check_fps
 
     preset = get_preset(model)
     if fmt not in FORMATS:
@@ -142,7 +140,7 @@ def batch(
         check_device_names(device, dtype)
     options = {k: v for k, v in dict(steps=steps, cfg=cfg, cfg_img=cfg_img, eta=eta, fs=fs, frames=frames,
                                      negative_prompt=negative_prompt, image_scale=image_scale).items() if v is not None}
-    sampling_settings(preset, steps, cfg, cfg_img, eta, fs, frames)  # refuse bad global options before any work
+    preset.sampling(steps=steps, cfg_scale=cfg, cfg_img=cfg_img, eta=eta, fs=fs, frames=frames)  # refuse bad options now
     check_fps(fps)
     spec = BatchSpec(model=model, out_dir=out_dir, fmt=fmt, seed=seed, options=options, checkpoint=checkpoint,
                      device=device, dtype=dtype, fps=fps, batch_size=batch_size, overwrite=overwrite)
@@ -165,8 +163,6 @@ def batch(
                     outcomes[outcome.item.name] = outcome
         except KeyboardInterrupt:
             interrupted = True
-        except ClusterTooSmallError as exc:
-            raise UsageError(str(exc)) from None
         finally:
             clear_partials(todo, spec)  # what killed workers left behind
     ordered = [outcomes[i.name] for i in items if i.name in outcomes]

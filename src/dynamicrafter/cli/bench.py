@@ -11,10 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .app import UsageError, app, handle_errors
-from .common import (
-    CheckpointOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, StepsOpt, check_checkpoint_path, local_weights,
-    resolve_device, sampling_settings,
-)
+from .common import CheckpointOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, StepsOpt, check_checkpoint_path
 
 RandomOpt = Annotated[bool, typer.Option("--random-weights", help="Random weights (speed does not depend on them).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (the first step compiles).")]
@@ -55,6 +52,8 @@ def bench(
     """Run the pipeline once and report build, encode, per-call, per-step, decode and end-to-end times, peak memory
     and achieved TFLOP/s."""
     from ..bench import BenchSpec, run_benchmark
+    from ..devices import resolve_device
+    from ..hub import local_weights
     from ..presets import get_preset
 
     preset = get_preset(model)
@@ -70,16 +69,16 @@ def bench(
             )
     if batch < 1:
         raise UsageError(f"--batch must be at least 1 (got {batch})")
-    torch_device, torch_dtype = resolve_device(device, dtype)
-    settings = sampling_settings(preset, steps=steps, frames=frames)
+    resolve_device(device, dtype)
+    settings = preset.sampling(steps=steps, frames=frames)
     spec = BenchSpec(
         preset=preset,
         settings=settings,
         height=preset.height if height is None else height,
         width=preset.width if width is None else width,
         batch=batch,
-        device=torch_device,
-        dtype=torch_dtype,
+        device=device,
+        dtype=dtype,
         checkpoint=checkpoint,
         compile=compile_unet,
         seed=seed,

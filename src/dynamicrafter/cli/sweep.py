@@ -13,9 +13,24 @@ from rich.table import Table
 from .app import UsageError, app, console, handle_errors
 from .common import (
     CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FpsOpt, FsOpt, JsonOpt, ModelOpt, NegativeOpt,
-    OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path, check_fps, check_prompt, load_for,
-    progress_bar, resolve_device, sampling_settings, timed,
+    OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path, load_animator, progress_bar,
+    warn_if_truncated,
 )
+
+
+def parse_values(text: str) -> list[float]:
+    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0]: numbers, no empty entries (finite and distinct: checked by the library)."""
+    example = "e.g. 0,0.5,1"
+    parts = [v.strip() for v in text.split(",")]
+    if not any(parts):
+        raise UsageError(f"--values is empty ({example})")
+    if not all(parts):
+        raise UsageError(f"--values has an empty entry in {text!r} ({example})")
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        raise UsageError(f"--values must be numbers separated by commas, {example} (got {text!r})") from None
+    return values
 
 
 @app.command("lambda-sweep")
@@ -47,69 +62,42 @@ def lambda_sweep(
 ) -> None:
     """Animate IMAGE once per λ with identical noise; write a labelled grid video, one video per λ, a contact
     sheet, a chart, and the motion / input-conformity measures per λ."""
-    from ..images import load_image, prepare_image
+    from ..api import make_request
+    from ..devices import resolve_device
+    from ..files import ensure_writable_dir
     from ..presets import get_preset
-    from ..sweep import chart, conformity, contact_sheet, grid_video, layer_indices, motion, parse_values, sweep_videos
-    from ..video import atomic_path, ensure_writable_dir, video_to_uint8, write_frames, write_sidecar
+    from ..sweep import check_values, layer_indices
+    from ..video import check_fps
 
     preset = get_preset(model)
-    try:
-        lambdas = parse_values(values)
-        blocks = layer_indices(preset.model_config().unet, layers)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    picture = load_image(image)
-    end_picture = load_image(end_image) if end_image else None
-    check_prompt(prompt)
+    lambdas = check_values(parse_values(values))
+    blocks = layer_indices(preset.model_config().unet, layers)
+    warn_if_truncated(prompt)
+    request = make_request(
+        preset, image, prompt, end_image=end_image, seed=seed, negative_prompt=negative_prompt, steps=steps,
+        cfg_scale=cfg, cfg_img=cfg_img, eta=eta, fs=fs,
+    )
     out_dir = out_dir or Path(f"{image.stem}_lambda_sweep")
     if (out_dir / "metrics.json").exists() and not overwrite:
         raise UsageError(f"{out_dir} already holds a sweep; pass --overwrite to replace it")
     ensure_writable_dir(out_dir)
     check_checkpoint_path(checkpoint)
     torch_device, torch_dtype = resolve_device(device, dtype)
-    settings = sampling_settings(preset, steps, cfg, cfg_img, eta, fs)
     check_fps(fps)
-    start = prepare_image(picture, preset.height, preset.width)
-    end = prepare_image(end_picture, preset.height, preset.width) if end_picture is not None else None
 
     if verbose and not quiet:
-        console.print(f"model {preset.name} on {torch_device} ({torch_dtype}), λ {lambdas} on blocks {blocks}, {settings}")
-    timings: dict[str, float] = {}
-    with timed(timings, "load_s"):
-        net = load_for(preset, checkpoint, torch_device, torch_dtype, quiet=quiet)
-    with timed(timings, "generate_s"), progress_bar(quiet) as progress:
-        task = progress.add_task(f"denoising {len(lambdas)} λ values", total=settings.steps)
-        video, used_batch = sweep_videos(
-            net, start, prompt, settings, seed, lambdas, blocks, end=end, negative_prompt=negative_prompt,
-            batch_size=batch_size, callback=lambda i, total: progress.update(task, completed=i + 1, total=total),
+        console.print(f"model {preset.name} on {torch_device} ({torch_dtype}), λ {lambdas} on blocks {blocks}, {request.settings}")
+    animator = load_animator(preset, checkpoint, device, dtype, quiet=quiet)
+    with progress_bar(quiet) as progress:
+        task = progress.add_task(f"denoising {len(lambdas)} λ values", total=request.settings.steps)
+        result = animator.sweep_request(
+            request, lambdas, layers=layers, batch_size=batch_size,
+            progress=lambda i, total: progress.update(task, completed=i + 1, total=total),
         )
-    clips = [video_to_uint8(v) for v in video]
-    labels = [f"lambda={v:g}" for v in lambdas]
-    rows = [
-        {"lambda": v, "motion": motion(c), "conformity": conformity(net.image_encoder, start, c),
-         "video": f"lambda_{v:g}.mp4"}  # relative to the sweep folder
-        for v, c in zip(lambdas, clips)
-    ]
-    out_fps = fps or preset.fps
-    for row, clip in zip(rows, clips):
-        write_frames(clip, out_dir / row["video"], out_fps)
-    write_frames(grid_video(clips, labels), out_dir / "grid.mp4", out_fps)
-    for name, picture_out in (("contact_sheet.png", contact_sheet(clips, labels)),
-                              ("chart.png", chart(lambdas, {"motion": [r["motion"] for r in rows],
-                                                            "conformity": [r["conformity"] for r in rows]}))):
-        with atomic_path(out_dir / name) as tmp:
-            picture_out.save(tmp)
-    record = {
-        "image": str(image), "prompt": prompt, "model": preset.name, "seed": seed, "layers": layers,
-        "blocks": blocks, "batch_size": used_batch, "settings": settings.__dict__, "results": rows,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-    }
-    previous = earlier_videos(out_dir / "metrics.json")
-    write_sidecar(out_dir / "metrics.json", record)
+    record = result.save(out_dir, fps=fps, overwrite=True)
+    rows, timings = record["results"], result.timings
     if verbose and not quiet:
-        console.print(f"load {timings['load_s']:.1f} s, generate {timings['generate_s']:.1f} s (batch of {used_batch})")
-    for name in previous - {r["video"] for r in rows}:  # an overwritten sweep's videos for λ no longer swept
-        (out_dir / name).unlink(missing_ok=True)
+        console.print(f"load {timings['load_s']:.1f} s, generate {timings['generate_s']:.1f} s (batch of {result.batch_size})")
     if as_json:
         sys.stdout.write(json.dumps(record, default=str) + "\n")
         return
@@ -121,13 +109,3 @@ def lambda_sweep(
             table.add_row(f"{r['lambda']:g}", f"{r['motion']:.4f}", f"{r['conformity']:.4f}", r["video"])
         console.print(table)
         console.print(f"[green]wrote[/] {out_dir}/grid.mp4, contact_sheet.png, chart.png, metrics.json", markup=True)
-
-
-def earlier_videos(metrics: Path) -> set[str]:
-    """The per-λ video names an earlier sweep recorded in ``metrics`` (plain names inside the folder only)."""
-    try:
-        rows = json.loads(metrics.read_text())["results"]
-        names = {Path(r["video"]).name for r in rows}
-    except (OSError, ValueError, KeyError, TypeError):
-        return set()
-    return {n for n in names if n.startswith("lambda_") and n.endswith(".mp4")}

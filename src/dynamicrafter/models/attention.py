@@ -12,15 +12,14 @@ Parameter names follow the original checkpoint (``to_q``, ``to_k_ip``, ``to_out.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Projected context of one cross-attention layer: text keys, text values (G, m, H·d), image keys and values or None.
-ContextKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+from .context import ContextKV, ContextKVs
+from .ops import Linear, pointwise
+
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -59,57 +58,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal
     return _merge_heads(out).reshape(n_seq, n, width)  # (N, n, H·d)
 
 
-@functools.cache
-def _onednn_matmul() -> bool:
-    """Whether oneDNN's (private) fused linear op exists here and agrees with ``F.linear`` on a small probe: a
-    torch release that renames or changes it silently falls back to ``F.linear``."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    g = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(3, 5, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(4, generator=g)
-    try:
-        with torch.no_grad():
-            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return got.shape == (3, 5, 4) and torch.allclose(got, F.linear(x, w, b), rtol=1e-4, atol=1e-5)
-    except (RuntimeError, TypeError):
-        return False
-
-
-def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Float32 CPU inference (no autograd, not under ``torch.compile``) with oneDNN's matmul available."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.compiler.is_compiling()
-        and _onednn_matmul()
-    )
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, with float32 CPU inference routed through oneDNN's matmul.
-
-    oneDNN's AVX-512 kernels run these products about twice as fast as the BLAS behind ``F.linear`` on CPUs where
-    that BLAS falls back to AVX2 (AMD); see docs/PERFORMANCE.md.  Autograd, ``torch.compile`` and other devices or
-    dtypes take the plain path.
-    """
-    if onednn_inference(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters) computed by :func:`linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-def pointwise(layer: nn.Linear | nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Apply a Linear or a kernel-1 convolution to the last (channel) axis of ``x``."""
-    return linear(x, layer.weight.flatten(1), layer.bias)
-
-
 class RelativePosition(nn.Module):
     """Learned embedding of the key-minus-query offset, clipped to ±``max_distance``."""
 
@@ -130,9 +78,9 @@ class CrossAttention(nn.Module):
 
     The context is projected once per run by :meth:`project`: the text tokens through ``to_k``/``to_v`` and, with
     ``image_cross_attention``, the image tokens through ``to_k_ip``/``to_v_ip``; then
-    ``out = Attn_text + λ·Attn_image`` (times ``tanh(alpha) + 1`` with the learnable gate) before ``to_out``, λ being
-    the attribute ``image_cross_attention_scale``: a number, or a 1-D float32 tensor of one λ per sample (see
-    :func:`per_row`).  Without image cross-attention the image tokens are ignored.  ``relative_length`` adds the
+    ``out = Attn_text + λ·Attn_image`` (times ``tanh(alpha) + 1`` with the learnable gate) before ``to_out``, λ
+    arriving with the projected context (:class:`ContextKV`): a number, or a 1-D float32 tensor of one λ per sample
+    (see :func:`per_row`).  The module holds no λ of its own.  Without image cross-attention the image tokens are ignored.  ``relative_length`` adds the
     relative-position terms (temporal attention only); ``causal`` in ``forward`` masks keys after the query
     (self-attention).
     """
@@ -161,7 +109,6 @@ class CrossAttention(nn.Module):
             self.relative_position_k = RelativePosition(dim_head, relative_length)
             self.relative_position_v = RelativePosition(dim_head, relative_length)
         self.image_cross_attention = image_cross_attention
-        self.image_cross_attention_scale: float | torch.Tensor = 1.0
         self.alpha = None
         if image_cross_attention:
             self.to_k_ip = Linear(context_dim, inner, bias=False)
@@ -169,16 +116,13 @@ class CrossAttention(nn.Module):
             if scale_learnable:
                 self.alpha = nn.Parameter(torch.zeros(()))
 
-    def context_weights(self) -> list[torch.Tensor]:
-        """The weights :meth:`project` reads."""
-        layers = [self.to_k, self.to_v] + ([self.to_k_ip, self.to_v_ip] if self.image_cross_attention else [])
-        return [layer.weight for layer in layers]
-
-    def project(self, text: torch.Tensor, image: torch.Tensor | None) -> ContextKV:
-        """Text tokens (G, Lt, D) and image tokens (G', Li, D) or None -> keys and values (G or G', m, H·d)."""
+    def project(
+        self, text: torch.Tensor, image: torch.Tensor | None, image_scale: float | torch.Tensor = 1.0
+    ) -> ContextKV:
+        """Text tokens (G, Lt, D), image tokens (G', Li, D) or None, and this layer's λ -> :class:`ContextKV`."""
         if not self.image_cross_attention or image is None:
-            return self.to_k(text), self.to_v(text), None, None
-        return self.to_k(text), self.to_v(text), self.to_k_ip(image), self.to_v_ip(image)
+            return ContextKV(self.to_k(text), self.to_v(text))
+        return ContextKV(self.to_k(text), self.to_v(text), self.to_k_ip(image), self.to_v_ip(image), image_scale)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         """q (N, n, H·d), k and v (G, m, H·d) -> (N, n, H·d)."""
@@ -203,14 +147,13 @@ class CrossAttention(nn.Module):
         q = self.to_q(x)  # (N, n, H·d)
         if context is None:
             return self.to_out(self._attend(q, self.to_k(x), self.to_v(x), causal))
-        k, v, k_image, v_image = context
-        out = self._attend(q, k, v, causal)
-        scale = self.image_cross_attention_scale
+        out = self._attend(q, context.k, context.v, causal)
+        scale, k_image = context.image_scale, context.k_image
         per_sample = isinstance(scale, torch.Tensor)
         if k_image is not None and k_image.shape[1] > 0 and (per_sample or scale != 0):
-            out_image = self._attend(q, k_image, v_image, False)
+            out_image = self._attend(q, k_image, context.v_image, False)
             if per_sample:  # rows with text key set g belong to sample g mod S; λ stays float32, as a float does
-                rows = per_row(scale.to(q.device, torch.float32), q.shape[0], k.shape[0])
+                rows = per_row(scale.to(q.device, torch.float32), q.shape[0], context.k.shape[0])
                 out_image = (out_image * rows).to(q.dtype)
             else:
                 out_image = float(scale) * out_image
@@ -227,8 +170,6 @@ def per_row(values: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
     return values.repeat(groups // values.numel()).repeat_interleave(rows // groups)[:, None, None]
 
 
-# The projected context of every context-attending layer of a network.
-ContextKVs = Mapping[CrossAttention, ContextKV]
 
 
 class GEGLU(nn.Module):

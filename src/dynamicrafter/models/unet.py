@@ -8,17 +8,16 @@ tokens, D context width, E time-embedding width (4·``model_channels``). Frames 
 from __future__ import annotations
 
 import math
-import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import UNetConfig
-from .attention import (
-    ContextKVs, CrossAttention, Linear, SpatialTransformer, TemporalTransformer, linear, onednn_inference,
-)
+from .attention import CrossAttention, SpatialTransformer, TemporalTransformer
+from .context import ImageScale, UNetContext
+from .ops import Conv2d, Linear, conv_over_time
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -64,57 +63,8 @@ class TemporalConvBlock(nn.Module):
         for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
             for layer in stage[:-1]:
                 h = layer(h)
-            h = _conv_over_time(stage[-1], h)
+            h = conv_over_time(stage[-1], h)
         return x + h
-
-
-def _conv_over_time(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for x (B, C, T, h, w); a (k, 1, 1) kernel runs as the equal 2-D convolution over (T, h·w).
-
-    The 2-D kernel is 2-2.5x faster than the 3-D one on the CPU (docs/PERFORMANCE.md).
-    """
-    if conv.kernel_size[1:] != (1, 1):
-        return conv(x)
-    y = conv2d(x.flatten(3), conv.weight.squeeze(-1), conv.bias, padding=(conv.padding[0], 0))  # (B, C', T, h·w)
-    return y.unflatten(3, x.shape[3:])  # (B, C', T, h, w)
-
-
-# im2col pays off on the CPU for wide convolutions with few output pixels (docs/PERFORMANCE.md).
-IM2COL_MIN_CHANNELS, IM2COL_MAX_ROWS = 1024, 512
-
-
-def conv2d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: tuple[int, int] | int = 1,
-    padding: tuple[int, int] | int = 0,
-) -> torch.Tensor:
-    """Zero-padded ``F.conv2d`` of x (N, C, H', W').
-
-    In float32 CPU inference a convolution with at least 1024 input channels and at most 512 output pixels in all
-    (N·h·w) runs as one im2col matmul through oneDNN instead: its direct kernel is weight-bandwidth bound there,
-    1.25-6x slower at the 1280-channel levels of the UNet.
-    """
-    n, c, height, width = x.shape
-    (kh, kw), (sh, sw), (ph, pw) = weight.shape[2:], _pair(stride), _pair(padding)
-    out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
-    if c < IM2COL_MIN_CHANNELS or n * out_h * out_w > IM2COL_MAX_ROWS or not onednn_inference(x, weight):
-        return F.conv2d(x, weight, bias, stride, padding)
-    cols = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # (N, C·kh·kw, h·w)
-    y = linear(cols.transpose(1, 2), weight.flatten(1), bias)  # (N, h·w, C')
-    return y.transpose(1, 2).reshape(n, -1, out_h, out_w)  # (N, C', h, w)
-
-
-def _pair(v: tuple[int, int] | int) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (v[0], v[1])
-
-
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (zero padding, same parameters) computed by :func:`conv2d`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
 
 def _down(x: torch.Tensor) -> torch.Tensor:
@@ -231,7 +181,6 @@ class UNet3D(nn.Module):
         if cfg.addition_attention and cfg.num_head_channels == -1:
             raise ValueError("addition_attention needs num_head_channels (init_attn uses 8 heads of that width)")
         self.cfg = cfg
-        self._memo: tuple | None = None  # see _conditioning
         mc, emb_dim = cfg.model_channels, cfg.time_embed_dim
         self.time_embed = _embed_mlp(mc, emb_dim)
         if cfg.fs_condition:
@@ -339,36 +288,11 @@ class UNet3D(nn.Module):
         return layers
 
     # ----------------------------------------------------------------------------------------------------------
-    # image cross-attention scale (λ)
+    # the context: projected once per run
 
     def spatial_attentions(self) -> list[CrossAttention]:
         """The image-aware cross-attentions in network order (input blocks, middle block, output blocks)."""
         return [m for m in self.modules() if isinstance(m, CrossAttention) and m.image_cross_attention]
-
-    def set_image_cross_attention_scale(
-        self, value: float | Sequence[float] | torch.Tensor, indices: Iterable[int] | None = None
-    ) -> None:
-        """Set λ of the image cross-attentions ``indices`` (positions in ``spatial_attentions()``; None = all).
-
-        ``value`` is one λ for every sample, or one λ per sample (S values): a UNet batch then holds S samples, or
-        whole multiples of them with the sample index innermost (guidance branches and windows outermost).
-        """
-        attns = self.spatial_attentions()
-        chosen = range(len(attns)) if indices is None else list(indices)
-        bad = [i for i in chosen if not -len(attns) <= i < len(attns)]
-        if bad:
-            raise ValueError(f"image cross-attention indices {bad} out of range for {len(attns)} layers")
-        if isinstance(value, (int, float)):
-            scale: float | torch.Tensor = float(value)
-        else:
-            device = next(self.parameters()).device  # kept where the UNet runs: no copy per call
-            scale = torch.as_tensor(value, dtype=torch.float32).flatten().to(device)
-            if scale.numel() == 1:
-                scale = float(scale)
-        for i in chosen:
-            attns[i].image_cross_attention_scale = scale
-
-    # ----------------------------------------------------------------------------------------------------------
 
     def context_attentions(self) -> list[CrossAttention]:
         """Every attention layer that reads the context (spatial ``attn2`` and cross-attending temporal ones)."""
@@ -391,70 +315,53 @@ class UNet3D(nn.Module):
             image = image.reshape(-1, n_img, context.shape[2])  # (B·T, 16, D)
         return text, image if image.shape[1] > 0 else None
 
-    def compiled(self) -> nn.Module:
-        """``torch.compile`` of this UNet, with the memoised conditioning (weak references, Python state) left eager.
+    def layer_scales(self, image_scale: ImageScale | None, device: torch.device) -> list[float | torch.Tensor]:
+        """λ of every image cross-attention (``spatial_attentions`` order): ``image_scale`` on its layers, 1 elsewhere."""
+        n = len(self.spatial_attentions())
+        if image_scale is None:
+            return [1.0] * n
+        chosen = set(image_scale.layer_indices(n))
+        value: float | torch.Tensor = image_scale.values[0]
+        if len(image_scale.values) > 1:  # per sample: kept where the UNet runs, no copy per call
+            value = torch.tensor(image_scale.values, dtype=torch.float32, device=device)
+        return [value if i in chosen else 1.0 for i in range(n)]
 
-        (Not a decorator on ``_conditioning``: that would import ``torch._dynamo`` — about a second and 70 MB — in
-        every process that merely builds the network.)
+    def prepare(
+        self, context: torch.Tensor, fs: torch.Tensor | None, frames: int, image_scale: ImageScale | None = None
+    ) -> UNetContext:
+        """The step-invariant work of a run: the fs embedding (B, E) and every layer's context keys and values.
+
+        ``context`` (B, L, D) is split by the 77 + 16·T rule for ``frames``; ``fs`` (B,) or None (the config's
+        default); ``image_scale`` None: λ = 1 everywhere.
         """
-        self._conditioning = torch.compiler.disable(self._conditioning)
-        return torch.compile(self)
-
-    def _conditioning(
-        self, context: torch.Tensor, fs: torch.Tensor | None, t: int
-    ) -> tuple[torch.Tensor | None, dict[CrossAttention, tuple]]:
-        """The step-invariant work of a call: fs embedding (B, E) and every layer's context keys/values.
-
-        Without autograd the result is remembered and reused while the very same ``context`` and ``fs`` tensors
-        come back unmodified (with unmodified weights), as they do at every step of a sampling run.
-        """
-        device = context.device.type
-        weights = [w for attn in self.context_attentions() for w in attn.context_weights()]
-        if self.cfg.fs_condition:
-            weights += list(self.fps_embedding.parameters())
-        key = (
-            t,
-            context._version,
-            None if fs is None else fs._version,
-            torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device),
-            tuple((w.data_ptr(), w._version) for w in weights),
-        )
-        memo = self._memo
-        if memo is not None and memo[2] == key and memo[0]() is context:
-            if (fs is None) if memo[1] is None else (memo[1]() is fs):
-                return memo[3]
+        cfg = self.cfg
+        b = context.shape[0]
+        if context.ndim != 3 or context.shape[2] != cfg.context_dim:
+            raise ValueError(f"context must be (B, L, {cfg.context_dim}), got {tuple(context.shape)}")
         fs_emb = None
-        if self.cfg.fs_condition:
-            b = context.shape[0]
+        if cfg.fs_condition:
             if fs is not None and fs.shape != (b,):
                 raise ValueError(f"fs must have shape ({b},), got {tuple(fs.shape)}")
-            rates = torch.full((b,), self.cfg.default_fs, device=context.device) if fs is None else fs
+            rates = torch.full((b,), cfg.default_fs, device=context.device) if fs is None else fs
             dtype = self.fps_embedding[0].weight.dtype
-            fs_emb = self.fps_embedding(timestep_embedding(rates, self.cfg.model_channels).to(dtype))
-        text, image = self.split_context(context, t)
-        projected = {attn: attn.project(text, image) for attn in self.context_attentions()}
-        self._memo = None
-        if not torch.is_grad_enabled():
-            refs = (weakref.ref(context, self._forget), None if fs is None else weakref.ref(fs, self._forget))
-            self._memo = (*refs, key, (fs_emb, projected))
-        return fs_emb, projected
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_memo": None}  # weak references do not pickle
-
-    def _forget(self, ref: weakref.ref) -> None:
-        """Drop the remembered conditioning once its context or fs tensor is gone."""
-        if self._memo is not None and any(ref is r for r in self._memo[:2]):
-            self._memo = None
+            fs_emb = self.fps_embedding(timestep_embedding(rates, cfg.model_channels).to(dtype))  # (B, E)
+        text, image = self.split_context(context, frames)
+        scales = dict(zip(self.spatial_attentions(), self.layer_scales(image_scale, context.device)))
+        layers = {attn: attn.project(text, image, scales.get(attn, 1.0)) for attn in self.context_attentions()}
+        return UNetContext(
+            batch=b, frames=frames, tokens=context.shape[1], fs_emb=fs_emb, layers=layers, image_scale=image_scale
+        )
 
     def forward(
         self,
         x: torch.Tensor,
         timesteps: torch.Tensor,
-        context: torch.Tensor,
+        context: torch.Tensor | UNetContext,
         fs: torch.Tensor | None = None,
+        image_scale: ImageScale | None = None,
     ) -> torch.Tensor:
-        """x (B, in_channels, T, h, w) = cat([x_t, c_concat]); timesteps (B,); context (B, L, D); fs (B,) or None.
+        """x (B, in_channels, T, h, w) = cat([x_t, c_concat]); timesteps (B,); context (B, L, D) with fs (B,) or
+        None and ``image_scale``, or a :class:`UNetContext` from :meth:`prepare` (which already holds them).
 
         Returns (B, out_channels, T, h, w).
         """
@@ -467,15 +374,19 @@ class UNet3D(nn.Module):
             raise ValueError(f"latent size {h}x{w} must be divisible by {factor}")
         if timesteps.shape != (b,):
             raise ValueError(f"timesteps must have shape ({b},), got {tuple(timesteps.shape)}")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
-            raise ValueError(f"context must be ({b}, L, {cfg.context_dim}), got {tuple(context.shape)}")
+        if isinstance(context, torch.Tensor):
+            context = self.prepare(context, fs, t, image_scale)
+        elif fs is not None or image_scale is not None:
+            raise ValueError("fs and image_scale belong to UNet3D.prepare when the context is prepared")
+        if context.batch != b or context.frames != t:
+            raise ValueError(f"the context was prepared for {context.batch} x {context.frames} frames, not {b} x {t}")
 
-        fs_emb, projected = self._conditioning(context, fs, t)
         emb = self.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(self.time_embed[0].weight.dtype))
-        if fs_emb is not None:
-            emb = emb + fs_emb
+        if context.fs_emb is not None:
+            emb = emb + context.fs_emb
         emb = emb.repeat_interleave(t, dim=0)  # (B·T, E)
 
+        projected = context.layers
         hidden = x.transpose(1, 2).flatten(0, 1)  # (B·T, C, h, w)
         skips = []
         for i, block in enumerate(self.input_blocks):

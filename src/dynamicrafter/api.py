@@ -1,0 +1,258 @@
+"""The public Python API: load a model once, then animate, interpolate, loop, sweep λ, or run many requests.
+
+    >>> from dynamicrafter import Animator
+    >>> anim = Animator.load("512", device="cuda")           # downloads the weights on first use
+    >>> result = anim.animate("photo.jpg", "a man waving", steps=50, seed=1, image_scale=0.8)
+    >>> result.save("waving.mp4")                            # the video and its JSON sidecar (waving.json)
+    >>> result.frames.shape                                  # (T, H, W, 3) uint8
+
+Every front end (the CLI, ``batch``, the Ray engine, ``bench``) stands on this module.  The flow of one call:
+:func:`make_request` loads and prepares the photo(s) and checks every setting against the preset (no model
+needed: front ends validate before loading), :meth:`Animator.run` animates one or more compatible requests as one
+UNet batch, and :class:`Result` holds the uint8 frames and writes them with the sidecar.  Nothing here prints:
+progress arrives through ``progress(step, steps)``; failures are the library's exceptions, settings named as they
+are here (``steps``, ``cfg_scale``, ``image_scale``, ``dtype``; see :class:`~dynamicrafter.errors.SettingsError`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import __version__
+from .errors import SettingsError
+from .files import OutputError, check_replaceable, sidecar_path
+from .presets import Preset, get_preset
+from .request import ImageInput, Request, make_request
+
+if TYPE_CHECKING:
+    import torch
+
+    from .models.dynamicrafter import DynamiCrafter
+    from .sweep import SweepResult
+
+Progress = Callable[[int, int], object]
+
+
+@dataclass
+class Result:
+    """One video: ``frames`` (T, H, W, 3) uint8, the request it answers, its seed and how it was made."""
+
+    frames: np.ndarray
+    request: Request
+    seed: int
+    model: str
+    checkpoint: str | None
+    device: str
+    dtype: str
+    fps: int  # the preset's frame rate (``save`` may choose another)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def record(self, output: Path | None = None, fps: int | None = None) -> dict[str, Any]:
+        """The JSON sidecar: everything needed to reproduce this video."""
+        from dataclasses import asdict
+
+        r = self.request
+        return {
+            "tool": "dynamicrafter",
+            "version": __version__,
+            "image": r.image,
+            "prompt": r.prompt,
+            "negative_prompt": r.negative_prompt,
+            "model": self.model,
+            "checkpoint": self.checkpoint,
+            "seed": self.seed,
+            "settings": asdict(r.settings),
+            "image_scale": r.image_scale,
+            "fps": fps or self.fps,
+            "device": self.device,
+            "dtype": self.dtype,
+            "output": None if output is None else str(output),
+            "frames": int(self.frames.shape[0]),
+            "height": int(self.frames.shape[1]),
+            "width": int(self.frames.shape[2]),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "mode": r.mode,
+            "end_image": r.end_image,
+        }
+
+    def save(
+        self, path: str | Path, *, fmt: str | None = None, fps: int | None = None, overwrite: bool = False
+    ) -> Path:
+        """Write the video (``.mp4``/``.gif``/``.webp``, or a folder of PNG frames; ``fmt`` when the suffix does not
+        say) and then its sidecar (``clip.mp4`` -> ``clip.json``), each atomically; returns the video's path.
+
+        An existing video or sidecar is replaced only with ``overwrite`` (and never a folder of other files).
+        """
+        from .video import check_fps, write_frames, write_sidecar
+
+        path = Path(path)
+        check_fps(fps)
+        check_replaceable(path)
+        if not overwrite:
+            for existing in (path, sidecar_path(path)):
+                if existing.exists():
+                    raise OutputError(f"{existing} exists; save with overwrite=True to replace it")
+        written = write_frames(self.frames, path, fps or self.fps, fmt)
+        write_sidecar(sidecar_path(written), self.record(written, fps))
+        return written
+
+
+class Animator:
+    """A loaded model and where it runs; every call takes its settings as arguments and keeps none.
+
+    Build it with :meth:`load`.  ``net`` is the :class:`~dynamicrafter.models.dynamicrafter.DynamiCrafter` network
+    (for the pipeline's stage functions), ``preset`` its :class:`~dynamicrafter.presets.Preset`.
+    """
+
+    def __init__(
+        self,
+        net: DynamiCrafter,
+        preset: Preset,
+        *,
+        device: str,
+        dtype: torch.dtype,
+        checkpoint: str | Path | None = None,
+        load_s: float = 0.0,
+    ) -> None:
+        self.net, self.preset, self.device, self.dtype = net, preset, device, dtype
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.load_s = load_s
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Preset = "512",
+        *,
+        checkpoint: str | Path | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        download: bool = True,
+        notify: Callable[[str], object] | None = None,
+        random_weights: bool = False,
+        weights_seed: int = 0,
+    ) -> Animator:
+        """Load ``model`` (a preset name from ``dynamicrafter models``, or a Preset) on ``device`` (default: cuda
+        when available) in ``dtype`` (``fp32``/``fp16``/``bf16``; default fp16 on cuda, fp32 elsewhere).
+
+        Weights: ``checkpoint`` (.ckpt or .safetensors), else the preset's from the Hugging Face cache, downloaded
+        first when missing and ``download`` (``notify`` gets one line when a download starts); ``random_weights``
+        (or a built-in preset such as ``tiny``) builds random weights from ``weights_seed`` instead.
+        """
+        from .checkpoint import build_random, load_model
+        from .devices import resolve_device
+        from .hub import weights_for
+
+        preset = get_preset(model) if isinstance(model, str) else model
+        torch_device, torch_dtype = resolve_device(device, dtype)
+        if checkpoint is not None and not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        if random_weights and checkpoint is not None:
+            raise SettingsError("random_weights", "{setting} and a checkpoint exclude each other")
+        path = checkpoint
+        if path is None and not random_weights:
+            path = weights_for(preset, download=download, notify=notify)
+        started = time.perf_counter()
+        cfg = preset.model_config()
+        if path is None:
+            seed = weights_seed if random_weights else (preset.seed or 0)
+            net = build_random(cfg, seed, torch_device, torch_dtype)
+        else:
+            net = load_model(cfg, path, torch_device, torch_dtype, expected_model=preset.name)
+        return cls(net, preset, device=torch_device, dtype=torch_dtype, checkpoint=checkpoint,
+                   load_s=time.perf_counter() - started)
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def request(self, image: ImageInput, prompt: str, **options: Any) -> Request:
+        """:func:`make_request` for this model."""
+        return make_request(self.preset, image, prompt, **options)
+
+    def animate(self, image: ImageInput, prompt: str, *, progress: Progress | None = None, **options: Any) -> Result:
+        """Animate ``image`` following ``prompt``: one video.  ``options`` are :func:`make_request`'s (``seed``,
+        ``end_image``, ``loop``, ``negative_prompt``, ``image_scale`` (λ), ``steps``, ``cfg_scale``, ``frames``,
+        ...); ``progress(step, steps)`` follows the denoising."""
+        if options.get("samples", 1) != 1:
+            raise SettingsError("samples", "animate makes one video; for {setting} > 1 use run([request(...)])")
+        return self.run([self.request(image, prompt, **options)], progress=progress)[0]
+
+    def run(
+        self, requests: Sequence[Request], *, progress: Progress | None = None, keep_encoders: bool = False
+    ) -> list[Result]:
+        """Animate ``requests`` (equal :attr:`Request.batch_key`) as one UNet batch: one :class:`Result` per
+        request and sample, in order.  ``keep_encoders``: leave the text and image towers on the GPU for the next
+        call (otherwise they leave it once encoding is done)."""
+        import torch
+
+        from .pipeline import animate
+        from .video import video_to_uint8
+
+        if not requests:
+            return []
+        first = requests[0]
+        if any(r.batch_key != first.batch_key for r in requests):
+            raise ValueError("requests of one batch must share settings, mode and image_scale (see batch_key)")
+        expand = [(r, seed) for r in requests for seed in r.seeds]
+        started = time.perf_counter()
+        video = animate(  # (N, 3, T, H, W)
+            self.net,
+            torch.cat([r.start for r, _ in expand]),
+            [r.prompt for r, _ in expand],
+            first.settings,
+            [seed for _, seed in expand],
+            end=torch.cat([r.end for r, _ in expand]) if first.mode == "interp" else None,
+            mode=first.mode,
+            negative_prompts=[r.negative_prompt for r, _ in expand],
+            image_scale=first.image_scale,
+            keep_encoders=keep_encoders,
+            callback=progress,
+        )
+        timings = {"load_s": self.load_s, "generate_s": (time.perf_counter() - started) / len(expand)}
+        return [
+            Result(
+                frames=video_to_uint8(clip), request=r, seed=seed, model=self.preset.name, checkpoint=self.checkpoint,
+                device=self.device, dtype=str(self.dtype).removeprefix("torch."), fps=self.preset.fps,
+                timings=dict(timings),
+            )
+            for (r, seed), clip in zip(expand, video)
+        ]
+
+    def sweep(
+        self,
+        image: ImageInput,
+        prompt: str,
+        values: Sequence[float],
+        *,
+        layers: str | Sequence[int] = "all",
+        batch_size: int | None = None,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> SweepResult:
+        """One video per λ in ``values`` with the same seed and noise, on ``layers`` (``all``, ``input``,
+        ``middle``, ``output`` or spatial-transformer indices), ``batch_size`` values per UNet batch (None: all;
+        halved on a CUDA out-of-memory error), with motion and input-conformity measures; ``options`` as for
+        :meth:`animate` (without ``image_scale``, ``loop`` or ``samples``)."""
+        return self.sweep_request(
+            self.request(image, prompt, **options), values, layers=layers, batch_size=batch_size, progress=progress
+        )
+
+    def sweep_request(
+        self,
+        request: Request,
+        values: Sequence[float],
+        *,
+        layers: str | Sequence[int] = "all",
+        batch_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> SweepResult:
+        """:meth:`sweep` of a request made beforehand (:meth:`request` or :func:`make_request`)."""
+        from .sweep import run_sweep
+
+        return run_sweep(
+            self.net, self.preset, request, values, layers, batch_size, progress, load_s=self.load_s
+        )

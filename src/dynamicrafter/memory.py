@@ -1,0 +1,60 @@
+"""Where each part of the model lives during a run (CUDA): the encoders on the GPU only while encoding, the VAE
+decoding in chunks sized by the memory left.  On other devices these do nothing or use fixed sizes.
+
+Letters: B batch, T frames, H x W pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .models.dynamicrafter import DynamiCrafter
+
+# decode(model, latents (B, 4, T, h, w), frames per chunk) -> video (B, 3, T, H, W)
+Decode = Callable[[DynamiCrafter, torch.Tensor, int], torch.Tensor]
+
+
+def _encoders(model: DynamiCrafter) -> tuple[torch.nn.Module, ...]:
+    return model.text_encoder, model.image_encoder, model.image_proj
+
+
+def bring_encoders(model: DynamiCrafter) -> None:
+    """Put the text and image towers and the Resampler back where the UNet is (after :func:`offload_encoders`)."""
+    device = next(model.unet.parameters()).device
+    for tower in _encoders(model):
+        tower.to(device)
+
+
+def offload_encoders(model: DynamiCrafter) -> None:
+    """On CUDA, move the text and image towers and the Resampler to the CPU: they run once, before sampling."""
+    if next(model.unet.parameters()).device.type != "cuda":
+        return
+    for tower in _encoders(model):
+        tower.to("cpu")
+    torch.cuda.empty_cache()
+
+
+def decode_within_peak(model: DynamiCrafter, latents: torch.Tensor, decode: Decode) -> tuple[torch.Tensor, int]:
+    """``decode(model, latents, chunk)`` with the chunk size chosen by memory: (video (B, 3, T, H, W), frames per
+    chunk).
+
+    On CUDA the first frame of every sample is decoded alone to measure the memory one frame needs; the rest goes in
+    the largest chunks that keep the allocation under the peak reached so far (sampling's) and within free memory,
+    at least one frame at a time.  Elsewhere 4 frames per chunk.  Resets CUDA's peak-memory statistics: a caller
+    that wants the run's peak reads it before.
+    """
+    device = latents.device
+    if device.type != "cuda":
+        return decode(model, latents, 4), 4
+    b, t = latents.shape[0], latents.shape[2]
+    run_peak = torch.cuda.max_memory_allocated(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    first = decode(model, latents[:, :, :1], b)  # (B, 3, 1, H, W)
+    per_frame = max((torch.cuda.max_memory_allocated(device) - base) / b, 1.0)
+    headroom = min(run_peak - torch.cuda.memory_allocated(device), torch.cuda.mem_get_info(device)[0])
+    chunk = max(1, min(b * (t - 1), int(headroom // per_frame))) if t > 1 else b
+    video = first if t == 1 else torch.cat([first, decode(model, latents[:, :, 1:], chunk)], dim=2)
+    return video, chunk

@@ -1,0 +1,112 @@
+"""The public Python API: what a script gets, what it is refused, and that calls leave nothing behind."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dynamicrafter import Animator, SettingsError, make_request
+from dynamicrafter.files import OutputError
+from dynamicrafter.video import read_video
+
+from .test_cli import EXAMPLE, run
+
+
+@pytest.fixture(scope="module")
+def anim():
+    return Animator.load("tiny", device="cpu")
+
+
+def test_animate_save_matches_the_cli_byte_for_byte(anim, tmp_path):
+    steps: list[tuple[int, int]] = []
+    result = anim.animate(EXAMPLE, "an astronaut waving", steps=3, seed=7, image_scale=0.5,
+                          progress=lambda i, n: steps.append((i, n)))
+    assert steps == [(0, 3), (1, 3), (2, 3)]
+    assert result.frames.shape == (16, 128, 128, 3) and result.frames.dtype == np.uint8
+    path = result.save(tmp_path / "api.mp4")
+    cli = run("animate", EXAMPLE, "an astronaut waving", "--model", "tiny", "--steps", 3, "--seed", 7, "--lambda", 0.5,
+              "--out", tmp_path / "cli.mp4")
+    assert cli.exit_code == 0, cli.output
+    assert path.read_bytes() == (tmp_path / "cli.mp4").read_bytes()
+    api, cli_record = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("api", "cli"))
+    for record in (api, cli_record):
+        record.pop("timings"), record.pop("output")
+    assert api == cli_record and api["image_scale"] == 0.5 and api["seed"] == 7
+    with pytest.raises(OutputError, match="exists"):
+        result.save(tmp_path / "api.mp4")
+    assert np.array_equal(read_video(result.save(tmp_path / "frames", fmt="png")), result.frames)
+
+
+def test_a_call_leaves_no_state_behind(anim):
+    """λ is data: a run with λ = 0 changes nothing for the next run (same video as a fresh model's)."""
+    plain = anim.animate(EXAMPLE, "waving", steps=2, seed=3).frames
+    anim.animate(EXAMPLE, "waving", steps=2, seed=3, image_scale=0.0)
+    assert np.array_equal(anim.animate(EXAMPLE, "waving", steps=2, seed=3).frames, plain)
+    fresh = Animator.load("tiny", device="cpu").animate(EXAMPLE, "waving", steps=2, seed=3).frames
+    assert np.array_equal(fresh, plain)
+
+
+def test_run_batches_requests_and_samples(anim):
+    """Two requests, one with two samples: one UNet batch of 3 per branch, seeds in order, each video equal to its
+    own single run."""
+    calls: list[int] = []
+    handle = anim.net.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        results = anim.run([anim.request(EXAMPLE, "waving", seed=1, steps=2, samples=2),
+                            anim.request(np.full((90, 120, 3), 200, np.uint8), "a grey wall", seed=9, steps=2)])
+    finally:
+        handle.remove()
+    assert [r.seed for r in results] == [1, 2, 9] and calls == [6, 6]  # cond + uncond branches of 3 samples
+    alone = anim.animate(EXAMPLE, "waving", seed=2, steps=2).frames
+    assert np.abs(results[1].frames.astype(int) - alone.astype(int)).max() <= 1  # batching: float rounding only
+    assert results[2].record()["image"] is None  # an in-memory picture has no path
+    with pytest.raises(ValueError, match="share settings"):
+        anim.run([anim.request(EXAMPLE, "a", steps=2), anim.request(EXAMPLE, "b", steps=3)])
+
+
+def test_settings_errors_name_the_setting():
+    cases = [({"steps": 0}, "steps"), ({"cfg_scale": float("nan")}, "cfg_scale"), ({"image_scale": float("inf")},
+             "image_scale"), ({"frames": 40, "stride": 20}, "window"), ({"samples": 0}, "samples")]
+    for options, setting in cases:
+        with pytest.raises(SettingsError) as info:
+            make_request("tiny", EXAMPLE, "waving", **options)
+        assert info.value.setting == setting and setting in str(info.value)
+    with pytest.raises(SettingsError, match="prompt is empty"):
+        make_request("tiny", EXAMPLE, "  ")
+    with pytest.raises(SettingsError) as info:
+        Animator.load("tiny", dtype="fp8")
+    assert info.value.setting == "dtype" and info.value.message_for("--dtype").startswith("unknown --dtype")
+    with pytest.raises(TypeError, match="unknown sampling settings: stepz"):
+        make_request("tiny", EXAMPLE, "waving", stepz=3)
+
+
+def test_the_cli_shows_flags_for_settings(never_load):
+    result = run("animate", EXAMPLE, "waving", "--model", "tiny", "--steps", 0)
+    assert result.exit_code == 2 and "error: --steps must be at least 1" in result.output
+    result = run("animate", EXAMPLE, "waving", "--model", "tiny", "--lambda", "nan")
+    assert result.exit_code == 2 and "error: --lambda must be a finite number" in result.output
+
+
+def test_batch_and_sweep_validate_before_loading(tmp_path, never_load):
+    """The guard covers every command that loads a model: batch and lambda-sweep refuse bad options first."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(EXAMPLE.read_bytes())
+    for args, text in [(["--steps", 0], "--steps must be at least 1"), (["--fps", 0], "--fps must be at least 1"),
+                       (["--dtype", "fp8"], "unknown --dtype")]:
+        result = run("batch", folder, "--prompt", "waving", "--model", "tiny", *args)
+        assert result.exit_code == 2 and text in result.output, result.output
+        result = run("lambda-sweep", EXAMPLE, "waving", "--model", "tiny", *args)
+        assert result.exit_code == 2 and text in result.output, result.output
+    result = run("lambda-sweep", EXAMPLE, "waving", "--model", "tiny", "--layers", "99")
+    assert result.exit_code == 2 and "--layers indices must be between 0 and" in result.output
+
+
+def test_sweep_through_the_api_equals_separate_runs(anim, tmp_path):
+    sweep = anim.sweep(EXAMPLE, "waving", [0.0, 1.0], steps=2, seed=4)
+    single = anim.animate(EXAMPLE, "waving", steps=2, seed=4, image_scale=0.0).frames
+    assert np.abs(sweep.clips[0].astype(int) - single.astype(int)).max() <= 1
+    record = sweep.save(tmp_path / "sweep")
+    assert [r["video"] for r in record["results"]] == ["lambda_0.mp4", "lambda_1.mp4"]
+    assert torch.is_tensor(sweep.request.start)
