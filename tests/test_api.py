@@ -110,3 +110,23 @@ def test_sweep_through_the_api_equals_separate_runs(anim, tmp_path):
     record = sweep.save(tmp_path / "sweep")
     assert [r["video"] for r in record["results"]] == ["lambda_0.mp4", "lambda_1.mp4"]
     assert torch.is_tensor(sweep.request.start)
+
+
+def test_every_output_is_measured_and_batches_write_a_report(tmp_path):
+    """animate's sidecar has the measures (unless --no-measures); batch writes report.html listing a failed item."""
+    out = tmp_path / "clip.mp4"
+    assert run("animate", EXAMPLE, "waving", "--model", "tiny", "--steps", 2, "--out", out).exit_code == 0
+    measures = json.loads(out.with_suffix(".json").read_text())["measures"]
+    assert measures["version"] == 1 and set(measures) >= {"motion", "dynamic_degree", "moving", "conformity",
+                                                          "conformity_min", "temporal_consistency", "flags"}
+    assert run("animate", EXAMPLE, "waving", "--model", "tiny", "--steps", 2, "--out", tmp_path / "n.mp4",
+               "--no-measures").exit_code == 0
+    assert json.loads((tmp_path / "n.json").read_text())["measures"] is None
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(EXAMPLE.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    result = run("batch", folder, "--prompt", "waving", "--model", "tiny", "--steps", 2)
+    assert result.exit_code == 1
+    page = (folder / "animated" / "report.html").read_text()
+    assert "a.mp4" in page and "broken.png" in page and "http://" not in page and "https://" not in page

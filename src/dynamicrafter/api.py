@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,15 @@ class Result:
     dtype: str
     fps: int  # the preset's frame rate (``save`` may choose another)
     timings: dict[str, float] = field(default_factory=dict)
+    measures: dict[str, Any] | None = None  # see dynamicrafter.measures; None when not measured
+    attempts: list[dict[str, Any]] | None = None  # earlier tries of this video (e.g. static ones redone)
+
+    @property
+    def warning(self) -> str | None:
+        """One line on what looks wrong with this video (black, flat, saturated, static) and what to try."""
+        from .measures import warning_for
+
+        return warning_for(self.measures)
 
     def record(self, output: Path | None = None, fps: int | None = None) -> dict[str, Any]:
         """The JSON sidecar: everything needed to reproduce this video."""
@@ -79,6 +88,8 @@ class Result:
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "mode": r.mode,
             "end_image": r.end_image,
+            "measures": self.measures,
+            **({"attempts": self.attempts} if self.attempts else {}),
         }
 
     def save(
@@ -173,22 +184,43 @@ class Animator:
         """:func:`make_request` for this model."""
         return make_request(self.preset, image, prompt, **options)
 
-    def animate(self, image: ImageInput, prompt: str, *, progress: Progress | None = None, **options: Any) -> Result:
+    def animate(
+        self,
+        image: ImageInput,
+        prompt: str,
+        *,
+        progress: Progress | None = None,
+        measures: bool = True,
+        retry_static: int = 0,
+        **options: Any,
+    ) -> Result:
         """Animate ``image`` following ``prompt``: one video.  ``options`` are :func:`make_request`'s (``seed``,
         ``end_image``, ``loop``, ``negative_prompt``, ``image_scale`` (λ), ``steps``, ``cfg_scale``, ``frames``,
-        ...); ``progress(step, steps)`` follows the denoising."""
+        ...); ``progress(step, steps)`` follows the denoising; ``measures`` and ``retry_static`` as for :meth:`run`."""
         if options.get("samples", 1) != 1:
             raise SettingsError("samples", "animate makes one video; for {setting} > 1 use run([request(...)])")
-        return self.run([self.request(image, prompt, **options)], progress=progress)[0]
+        request = self.request(image, prompt, **options)
+        return self.run([request], progress=progress, measures=measures, retry_static=retry_static)[0]
 
     def run(
-        self, requests: Sequence[Request], *, progress: Progress | None = None, keep_encoders: bool = False
+        self,
+        requests: Sequence[Request],
+        *,
+        progress: Progress | None = None,
+        keep_encoders: bool = False,
+        measures: bool = True,
+        retry_static: int = 0,
     ) -> list[Result]:
         """Animate ``requests`` (equal :attr:`Request.batch_key`) as one UNet batch: one :class:`Result` per
-        request and sample, in order.  ``keep_encoders``: leave the text and image towers on the GPU for the next
-        call (otherwise they leave it once encoding is done)."""
+        request and sample, in order.  ``measures``: measure each video (:mod:`dynamicrafter.measures`, with the
+        vision tower already loaded).  ``keep_encoders``: leave the text and image towers on the GPU for the next
+        call (otherwise they leave it once encoding and measuring are done).  ``retry_static`` N: a video measured
+        static is made again with the next unused seeds (seed + samples, + 2·samples, ...) up to N times; the
+        result keeps every earlier attempt (seed and measures) in ``attempts``."""
         import torch
 
+        from .measures import measure_video
+        from .memory import offload_encoders
         from .pipeline import animate
         from .video import video_to_uint8
 
@@ -209,11 +241,11 @@ class Animator:
             mode=first.mode,
             negative_prompts=[r.negative_prompt for r, _ in expand],
             image_scale=first.image_scale,
-            keep_encoders=keep_encoders,
+            keep_encoders=keep_encoders or measures,
             callback=progress,
         )
         timings = {"load_s": self.load_s, "generate_s": (time.perf_counter() - started) / len(expand)}
-        return [
+        results = [
             Result(
                 frames=video_to_uint8(clip), request=r, seed=seed, model=self.preset.name, checkpoint=self.checkpoint,
                 device=self.device, dtype=str(self.dtype).removeprefix("torch."), fps=self.preset.fps,
@@ -221,6 +253,28 @@ class Animator:
             )
             for (r, seed), clip in zip(expand, video)
         ]
+        if measures:
+            started = time.perf_counter()
+            for result in results:
+                result.measures = measure_video(
+                    result.frames, photo=result.request.start, image_encoder=self.net.image_encoder
+                )
+            for result in results:
+                result.timings["measures_s"] = (time.perf_counter() - started) / len(results)
+            if not keep_encoders:
+                offload_encoders(self.net)
+        if retry_static < 0:
+            raise SettingsError("retry_static", f"{{setting}} must be >= 0 (got {retry_static})")
+        for i, result in enumerate(results):
+            attempts: list[dict[str, Any]] = []
+            step = result.request.samples  # the seeds between are the other samples'
+            while measures and "static" in result.measures["flags"] and len(attempts) < retry_static:
+                attempts.append({"seed": result.seed, "measures": result.measures})
+                again = replace(result.request, seed=result.seed + step, samples=1)
+                result = self.run([again], progress=progress, keep_encoders=keep_encoders)[0]
+            if attempts:
+                result.attempts, results[i] = attempts, result
+        return results
 
     def sweep(
         self,

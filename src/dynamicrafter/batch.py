@@ -57,6 +57,7 @@ class Outcome:
     output: Path | None = None
     error: str | None = None
     seed: int | None = None
+    measures: dict[str, Any] | None = None  # see dynamicrafter.measures
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class BatchSpec:
     fps: int | None = None  # None: the preset's
     batch_size: int = 1  # photos per UNet call
     overwrite: bool = False
+    measures: bool = True  # measure every video (sidecar, summary, report)
 
     def output(self, item: Item) -> Path:
         """Where ``item``'s video goes (a PNG frame folder has no suffix)."""
@@ -196,12 +198,13 @@ def is_complete(output: Path, sidecar: Path) -> bool:
     return output.exists() and sidecar.is_file()
 
 
-def recorded_seed(sidecar: Path) -> int | None:
-    """The seed a finished item's sidecar records (None if it cannot be read)."""
+def recorded(sidecar: Path) -> tuple[int | None, dict[str, Any] | None]:
+    """The seed and measures a finished item's sidecar records (None for what cannot be read)."""
     try:
-        return int(json.loads(sidecar.read_text(encoding="utf-8"))["seed"])
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+        return int(record["seed"]), record.get("measures")
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return None, None
 
 
 def split_finished(items: Iterable[Item], spec: BatchSpec) -> tuple[list[Item], list[Outcome]]:
@@ -213,7 +216,8 @@ def split_finished(items: Iterable[Item], spec: BatchSpec) -> tuple[list[Item], 
     for item in items:
         output = spec.output(item)
         if not spec.overwrite and is_complete(output, sidecar_path(output)):
-            skipped.append(Outcome(item, "skipped", output, seed=recorded_seed(sidecar_path(output))))
+            seed, measures = recorded(sidecar_path(output))
+            skipped.append(Outcome(item, "skipped", output, seed=seed, measures=measures))
         else:
             todo.append(item)
     return todo, skipped
@@ -289,11 +293,12 @@ def run_jobs(
     for group in group_for_batching(jobs, spec.batch_size, key=lambda j: j.request.batch_key):
         finished = 0
         try:
-            results = animator.run([j.request for j in group], progress=callback, keep_encoders=True)
+            results = animator.run([j.request for j in group], progress=callback, keep_encoders=True,
+                                   measures=spec.measures)
             for job, result in zip(group, results):
                 written = result.save(job.output, fmt=spec.fmt, fps=spec.fps, overwrite=True)
                 finished += 1
-                yield Outcome(job.item, "done", written, seed=result.seed)
+                yield Outcome(job.item, "done", written, seed=result.seed, measures=result.measures)
         except Exception as exc:  # a failing group is reported; the others go on
             for job in group[finished:]:
                 yield Outcome(job.item, "failed", error=describe(exc), seed=job.request.seed)

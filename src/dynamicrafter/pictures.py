@@ -49,7 +49,7 @@ def chart(values: Sequence[float], series: dict[str, Sequence[float]], size=(360
     image = Image.new("RGB", (w * len(series), h), "white")
     draw = ImageDraw.Draw(image)
     font = _font(12)
-    colours = ["#1f77b4", "#d62728", "#2ca02c"]
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
     for panel, (name, ys) in enumerate(series.items()):
         x0, y0, x1, y1 = panel * w + 50, 25, panel * w + w - 15, h - 35
         draw.rectangle((x0, y0, x1, y1), outline="black")
@@ -60,9 +60,9 @@ def chart(values: Sequence[float], series: dict[str, Sequence[float]], size=(360
         xh = xh if xh > xl else xl + 1e-6
         points = [(x0 + (x - xl) / (xh - xl) * (x1 - x0), y1 - (y - lo) / (hi - lo) * (y1 - y0)) for x, y in zip(values, ys)]
         if len(points) > 1:
-            draw.line(points, fill=colours[panel % 3], width=2)
+            draw.line(points, fill=colours[panel % 4], width=2)
         for (px, py), x in zip(points, values):
-            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colours[panel % 3])
+            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colours[panel % 4])
             draw.text((px - 8, y1 + 5), f"{x:g}", fill="black", font=font)
         draw.text((panel * w + 2, y0), f"{hi:.3g}", fill="black", font=font)
         draw.text((panel * w + 2, y1 - 12), f"{lo:.3g}", fill="black", font=font)

@@ -98,6 +98,7 @@ class BatchWorker:
             "output": [str(o.output) if o.output else "" for o in outcomes],
             "error": [o.error or "" for o in outcomes],
             "seed": [-1 if o.seed is None else o.seed for o in outcomes],
+            "measures": [json.dumps(o.measures) for o in outcomes],
         }
 
 
@@ -221,7 +222,8 @@ def run_on_ray(
             for row in results.iter_rows():
                 item = pending.pop(str(row["name"]))
                 yield Outcome(item, str(row["status"]), spec.output(item) if row["output"] else None,
-                              str(row["error"]) or None, None if row["seed"] < 0 else int(row["seed"]))
+                              str(row["error"]) or None, None if row["seed"] < 0 else int(row["seed"]),
+                              json.loads(str(row["measures"])))
         except Exception as exc:  # the run itself broke (e.g. workers that die while loading the model)
             lost = f"the Ray run stopped ({type(exc).__name__}: {next(iter(str(exc).splitlines()), '')})"
         for item in pending.values():

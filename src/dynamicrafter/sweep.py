@@ -3,9 +3,8 @@
 Which layers a λ applies to, the videos (one UNet batch serves several λ: each sample carries its own), the two
 measures, and the files a sweep writes (grid video, one video per λ, contact sheet, chart, metrics.json).
 
-Motion = mean absolute difference between consecutive frames (uint8 frames scaled to [0, 1]).
-Input conformity = mean cosine similarity between the CLIP image embedding of the input photo and of each frame,
-computed with the checkpoint's own vision tower and projection.
+Every video is measured by :func:`dynamicrafter.measures.measure_video` (motion, dynamic degree, input conformity,
+temporal consistency, flags), the same measures every output gets.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import torch
 from .config import UNetConfig
 from .errors import SettingsError
 from .files import OutputError, atomic_path, ensure_writable_dir
+from .measures import measure_video
 from .models.context import ImageScale
 from .pictures import chart, contact_sheet, grid_video
 from .pipeline import animate
@@ -74,22 +74,6 @@ def check_values(values: Sequence[float]) -> list[float]:
     if repeated:
         raise SettingsError("values", f"{{setting}} lists {', '.join(repeated)} more than once")
     return values
-
-
-def motion(frames: np.ndarray) -> float:
-    """Mean absolute frame-to-frame difference of (T, H, W, 3) uint8 frames, in [0, 1]."""
-    x = frames.astype(np.float32) / 255.0
-    return float(np.abs(np.diff(x, axis=0)).mean()) if len(x) > 1 else 0.0
-
-
-@torch.no_grad()
-def conformity(image_encoder, photo: torch.Tensor, frames: np.ndarray) -> float:
-    """Mean cosine similarity of CLIP embeddings: ``photo`` (1, 3, H, W) in [-1, 1] vs each uint8 frame."""
-    p = next(image_encoder.parameters())
-    video = torch.from_numpy(frames).permute(0, 3, 1, 2).to(p.device, p.dtype) / 127.5 - 1.0  # (T, 3, H, W)
-    embeds = image_encoder.embed(torch.cat([photo.to(p.device, p.dtype), video])).float()  # (1 + T, E)
-    embeds = torch.nn.functional.normalize(embeds, dim=-1)
-    return float((embeds[1:] @ embeds[0]).mean())
 
 
 def sweep_videos(
@@ -173,7 +157,7 @@ class SweepResult:
         for row, clip in zip(self.rows, self.clips):
             write_frames(clip, folder / row["video"], fps)
         write_frames(grid_video(self.clips, labels), folder / "grid.mp4", fps)
-        series = {"motion": [r["motion"] for r in self.rows], "conformity": [r["conformity"] for r in self.rows]}
+        series = {k: [r[k] for r in self.rows] for k in ("motion", "dynamic_degree", "conformity", "temporal_consistency")}
         for name, picture in (("contact_sheet.png", contact_sheet(self.clips, labels)),
                               ("chart.png", chart(self.lambdas, series))):
             with atomic_path(folder / name) as tmp:
@@ -222,11 +206,12 @@ def run_sweep(
     )
     generate_s = time.perf_counter() - started
     clips = [video_to_uint8(v) for v in video]
-    rows = [
-        {"lambda": v, "motion": motion(c), "conformity": conformity(net.image_encoder, request.start, c),
-         "video": f"lambda_{v:g}.mp4"}  # relative to the sweep folder
-        for v, c in zip(lambdas, clips)
-    ]
+    rows = []
+    for v, clip in zip(lambdas, clips):
+        m = measure_video(clip, photo=request.start, image_encoder=net.image_encoder)
+        rows.append({"lambda": v, "motion": m["motion"], "conformity": m["conformity"],
+                     "dynamic_degree": m["dynamic_degree"], "temporal_consistency": m["temporal_consistency"],
+                     "flags": m["flags"], "video": f"lambda_{v:g}.mp4"})  # video: relative to the sweep folder
     layer_name = layers if isinstance(layers, str) else ",".join(str(i) for i in blocks)
     return SweepResult(
         request=request, model=preset.name, layers=layer_name, blocks=blocks, lambdas=lambdas, clips=clips,

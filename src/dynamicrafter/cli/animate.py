@@ -9,7 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import UsageError, app, console, handle_errors
+from rich.markup import escape
+
+from .app import UsageError, app, console, flag_names, handle_errors
 from .common import (
     CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, FpsOpt, FsOpt, JsonOpt, LambdaOpt,
     ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path,
@@ -66,6 +68,8 @@ def animate(
     negative_prompt: NegativeOpt = "",
     image_scale: LambdaOpt = None,
     samples: Annotated[int, typer.Option(help="Videos to make from different seeds (seed, seed+1, ...).")] = 1,
+    no_measures: Annotated[bool, typer.Option("--no-measures", help="Skip the quality measures (motion, flow, CLIP conformity, flags).")] = False,
+    retry_static: Annotated[int, typer.Option("--retry-static", help="Redo a video measured static with the next seeds, up to N times.")] = 0,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     overwrite: OverwriteOpt = False,
@@ -108,6 +112,8 @@ def animate(
     check_checkpoint_path(checkpoint)
     torch_device, torch_dtype = resolve_device(device, dtype)
     check_fps(fps)
+    if retry_static < 0 or (retry_static and no_measures):
+        raise UsageError("--retry-static needs the measures and a count >= 0")
     mode = request.mode
     if (mode == "i2v") != (preset.mode == "i2v") and preset.architecture != "tiny" and not quiet:
         hint = "--end-image/--loop are meant for the 512-interp model" if mode != "i2v" else "the 512-interp model wants --end-image or --loop"
@@ -119,7 +125,8 @@ def animate(
     animator = load_animator(preset, checkpoint, device, dtype, quiet=quiet)
     with progress_bar(quiet) as progress:
         task = progress.add_task("denoising", total=None)
-        results = animator.run([request], progress=lambda i, total: progress.update(task, completed=i + 1, total=total))
+        results = animator.run([request], progress=lambda i, total: progress.update(task, completed=i + 1, total=total),
+                               measures=not no_measures, retry_static=retry_static)
     summary = []
     for path, result in zip(outputs, results):
         written = result.save(path, fmt=fmt, fps=fps, overwrite=True)
@@ -127,6 +134,10 @@ def animate(
         summary.append({**record, "sidecar": str(sidecar_path(written))})
         if not quiet and not as_json:
             console.print(f"[green]wrote[/] {written} ({result.frames.shape[0]} frames) and {sidecar_path(written)}", markup=True)
+        if result.attempts and not quiet:
+            console.print(f"{written.name}: seed {result.seed} after {len(result.attempts)} static attempt(s)")
+        if result.warning and not quiet:
+            console.print(f"[yellow]warning:[/] {written.name}: {escape(flag_names(result.warning))}", markup=True)
     if verbose and not quiet:
         console.print(f"load {animator.load_s:.1f} s, generate {sum(r.timings['generate_s'] for r in results):.1f} s")
     if as_json:

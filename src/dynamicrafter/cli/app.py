@@ -48,6 +48,14 @@ FLAGS = {
 }
 
 
+def flag_names(text: str) -> str:
+    """A library sentence naming settings (``image_scale``, ``fs``, ``seed``) with the CLI's flags instead."""
+    import re
+
+    names = {**FLAGS, "seed": "--seed"}
+    return re.sub(r"\b(image_scale|fs|seed|steps|cfg_scale)\b", lambda m: names[m.group(1)], text)
+
+
 def message(exc: BaseException) -> str:
     """The one-line message of an expected failure, a setting it names shown as its flag."""
     from ..errors import NamesSetting

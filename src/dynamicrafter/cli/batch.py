@@ -34,13 +34,19 @@ ENGINES = ("local", "ray")
 
 
 def summary_table(outcomes: list[Outcome]) -> Table:
+    """Every item: status, seed, measures (motion / dynamic degree / conformity, flags), output or error."""
     table = Table(title="batch summary")
-    for column in ("item", "status", "seed", "output / error"):
+    table.add_column("item", no_wrap=True)
+    for column in ("status", "seed", "mot/dyn/conf", "flags"):
         table.add_column(column)
+    table.add_column("output / error", overflow="fold")
     colour = {"done": "green", "skipped": "cyan", "failed": "red"}
     for o in outcomes:
-        table.add_row(o.item.image.name, f"[{colour[o.status]}]{o.status}[/]", "" if o.seed is None else str(o.seed),
-                      o.error or str(o.output))
+        m = o.measures or {}
+        numbers = "/".join("–" if m.get(k) is None else f"{m[k]:.2f}" for k in ("motion", "dynamic_degree", "conformity"))
+        table.add_row(escape(o.item.image.name), f"[{colour[o.status]}]{o.status}[/]",
+                      "" if o.seed is None else str(o.seed), numbers if m else "",
+                      f"[yellow]{', '.join(m.get('flags') or [])}[/]", escape(o.error or str(o.output)))
     return table
 
 
@@ -112,6 +118,7 @@ def batch(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     overwrite: OverwriteOpt = False,
+    no_measures: Annotated[bool, typer.Option("--no-measures", help="Skip the quality measures and the report page.")] = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     as_json: JsonOpt = False,
@@ -143,7 +150,8 @@ def batch(
     preset.sampling(steps=steps, cfg_scale=cfg, cfg_img=cfg_img, eta=eta, fs=fs, frames=frames)  # refuse bad options now
     check_fps(fps)
     spec = BatchSpec(model=model, out_dir=out_dir, fmt=fmt, seed=seed, options=options, checkpoint=checkpoint,
-                     device=device, dtype=dtype, fps=fps, batch_size=batch_size, overwrite=overwrite)
+                     device=device, dtype=dtype, fps=fps, batch_size=batch_size, overwrite=overwrite,
+                     measures=not no_measures)
 
     todo, skipped = split_finished(items, spec)  # finished items are never scheduled
     outcomes = {o.item.name: o for o in skipped}
@@ -169,13 +177,19 @@ def batch(
     failed = [o for o in ordered if o.status == "failed"]
     if as_json:
         sys.stdout.write(json.dumps([{"image": str(o.item.image), "status": o.status, "seed": o.seed,
-                                      "output": str(o.output) if o.output else None, "error": o.error}
-                                     for o in ordered]) + "\n")
+                                      "output": str(o.output) if o.output else None, "error": o.error,
+                                      "measures": o.measures} for o in ordered]) + "\n")
     elif not quiet:
         console.print(summary_table(ordered))
     else:  # --quiet: the errors only, one line each
         for o in failed:
             console.print(f"[bold red]error:[/] {escape(o.item.image.name)}: {escape(o.error or 'failed')}", markup=True)
+    if not no_measures:
+        from ..report import build_report
+
+        page = build_report(out_dir, failures=[{"image": str(o.item.image), "error": o.error} for o in failed])
+        if not quiet and not as_json:
+            console.print(f"report: {page}")
     counts = {s: sum(o.status == s for o in ordered) for s in ("done", "skipped", "failed")}
     if not quiet:
         console.print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")

@@ -103,9 +103,10 @@ def lambda_sweep(
         return
     if not quiet:
         table = Table(title=f"λ sweep ({layers} layers), seed {seed}")
-        for column in ("λ", "motion", "conformity", "video"):
+        for column in ("λ", "motion", "dynamic", "conformity", "consistency", "flags", "video"):
             table.add_column(column)
         for r in rows:
-            table.add_row(f"{r['lambda']:g}", f"{r['motion']:.4f}", f"{r['conformity']:.4f}", r["video"])
+            table.add_row(f"{r['lambda']:g}", f"{r['motion']:.4f}", f"{r['dynamic_degree']:.4f}",
+                          f"{r['conformity']:.4f}", f"{r['temporal_consistency']:.4f}", ", ".join(r["flags"]), r["video"])
         console.print(table)
         console.print(f"[green]wrote[/] {out_dir}/grid.mp4, contact_sheet.png, chart.png, metrics.json", markup=True)
