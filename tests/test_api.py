@@ -130,3 +130,36 @@ def test_every_output_is_measured_and_batches_write_a_report(tmp_path):
     assert result.exit_code == 1
     page = (folder / "animated" / "report.html").read_text()
     assert "a.mp4" in page and "broken.png" in page and "http://" not in page and "https://" not in page
+
+
+def test_a_static_video_warns_and_is_retried_with_the_next_seed(tmp_path, monkeypatch):
+    """--retry-static 2: the first video measures static, so seed 124 runs next; the sidecar records the attempt,
+    and a video still flagged gets a one-line warning in CLI words."""
+    import dynamicrafter.measures as measures
+
+    real, calls = measures.measure_video, []
+
+    def first_static(frames, **kwargs):
+        calls.append(1)
+        m = real(frames, **kwargs)
+        return {**m, "moving": False, "flags": ["static"]} if len(calls) == 1 else m
+
+    monkeypatch.setattr(measures, "measure_video", first_static)
+    out = tmp_path / "clip.mp4"
+    result = run("animate", EXAMPLE, "waving", "--model", "tiny", "--steps", 2, "--out", out, "--retry-static", 2)
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["seed"] == 124 and [a["seed"] for a in record["attempts"]] == [123]
+    assert record["attempts"][0]["measures"]["flags"] == ["static"] and "static" not in record["measures"]["flags"]
+    assert "after 1 static attempt" in result.output
+
+    monkeypatch.setattr(measures, "measure_video", lambda frames, **k: {**real(frames, **k), "flags": ["static"]})
+    result = run("animate", EXAMPLE, "waving", "--model", "tiny", "--steps", 2, "--out", tmp_path / "s.mp4")
+    assert result.exit_code == 0 and "warning: s.mp4: the video barely moves: try a smaller --lambda" in result.output
+    assert json.loads((tmp_path / "s.json").read_text()).get("attempts") is None
+
+
+def test_bench_reports_the_cost_of_the_measures():
+    result = run("bench", "--model", "tiny", "--device", "cpu", "--steps", 2, "--frames", 4, "--json")
+    assert result.exit_code == 0, result.output
+    assert 0 < json.loads(result.stdout.strip().splitlines()[-1])["measures_s"] < 60

@@ -141,7 +141,7 @@ def test_broken_image_fails_alone_with_shards(tmp_path):
     assert result.exit_code == 1, result.output
     assert "broken.png" in result.output and "not a readable image" in result.output
     assert "2 done, 0 skipped, 1 failed" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["p1", "p1.json", "p3", "p3.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["p1", "p1.json", "p3", "p3.json", "report.html"]
 
 
 def test_without_ray_says_what_to_install(tmp_path, monkeypatch):

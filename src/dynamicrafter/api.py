@@ -213,14 +213,14 @@ class Animator:
     ) -> list[Result]:
         """Animate ``requests`` (equal :attr:`Request.batch_key`) as one UNet batch: one :class:`Result` per
         request and sample, in order.  ``measures``: measure each video (:mod:`dynamicrafter.measures`, with the
-        vision tower already loaded).  ``keep_encoders``: leave the text and image towers on the GPU for the next
-        call (otherwise they leave it once encoding and measuring are done).  ``retry_static`` N: a video measured
+        vision tower already loaded, back on the GPU only while measuring).  ``keep_encoders``: leave the text and
+        image towers on the GPU for the next call (otherwise they leave it once encoding is done).  ``retry_static`` N: a video measured
         static is made again with the next unused seeds (seed + samples, + 2·samples, ...) up to N times; the
         result keeps every earlier attempt (seed and measures) in ``attempts``."""
         import torch
 
         from .measures import measure_video
-        from .memory import offload_encoders
+        from .memory import vision_tower_on_device
         from .pipeline import animate
         from .video import video_to_uint8
 
@@ -241,7 +241,7 @@ class Animator:
             mode=first.mode,
             negative_prompts=[r.negative_prompt for r, _ in expand],
             image_scale=first.image_scale,
-            keep_encoders=keep_encoders or measures,
+            keep_encoders=keep_encoders,
             callback=progress,
         )
         timings = {"load_s": self.load_s, "generate_s": (time.perf_counter() - started) / len(expand)}
@@ -255,14 +255,11 @@ class Animator:
         ]
         if measures:
             started = time.perf_counter()
-            for result in results:
-                result.measures = measure_video(
-                    result.frames, photo=result.request.start, image_encoder=self.net.image_encoder
-                )
+            with vision_tower_on_device(self.net) as tower:
+                for result in results:
+                    result.measures = measure_video(result.frames, photo=result.request.start, image_encoder=tower)
             for result in results:
                 result.timings["measures_s"] = (time.perf_counter() - started) / len(results)
-            if not keep_encoders:
-                offload_encoders(self.net)
         if retry_static < 0:
             raise SettingsError("retry_static", f"{{setting}} must be >= 0 (got {retry_static})")
         for i, result in enumerate(results):

@@ -5,7 +5,8 @@ weights from a seed, or a checkpoint), makes a synthetic start image and runs th
 (:func:`~dynamicrafter.pipeline.animate`), which times its stages (encode, sample, decode) with device
 synchronisation when handed a :class:`~dynamicrafter.pipeline.StageTimes`; forward hooks on the UNet time its calls.  Per-call
 and per-step figures are medians over the sampling run without its first step, which carries one-time work
-(context projection, kernel selection, compilation).  The FLOPs of one UNet call are counted once, with
+(context projection, kernel selection, compilation).  ``measures_s`` is the quality measures of one video
+(:func:`~dynamicrafter.measures.measure_video`, outside ``end_to_end_s``).  The FLOPs of one UNet call are counted once, with
 ``torch.utils.flop_counter`` on a meta-device copy of the UNet fed the shapes of the real call, so counting costs
 no compute.  Peak memory is ``torch.cuda.max_memory_allocated`` over the whole run on CUDA, and the peak resident
 set size of the process (``resource.getrusage``; it includes whatever the process held before) on the CPU.
@@ -33,12 +34,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import __version__
 from .api import Animator
+from .measures import measure_video
+from .memory import vision_tower_on_device
 from .models.context import UNetContext
 from .models.dynamicrafter import DynamiCrafter
 from .models.unet import UNet3D
 from .pipeline import StageTimes, animate, latent_shape
 from .presets import Preset
 from .settings import SamplingSettings
+from .video import video_to_uint8
 
 PROMPT = "a benchmark scene with gentle motion"
 
@@ -84,6 +88,7 @@ class BenchResult:
     sample_s: float
     decode_s: float
     decode_chunk: int
+    measures_s: float
     end_to_end_s: float
     peak_memory_gib: float
     memory_kind: str
@@ -276,11 +281,17 @@ def run_benchmark(spec: BenchSpec) -> BenchResult:
     finally:
         remove()
     encode_s, sample_s, decode_s = (times.seconds[k] for k in ("encode", "sample", "decode"))
+    start = _clock(device)
+    with vision_tower_on_device(model) as tower:  # the quality measures every output gets, as Animator.run does
+        for clip, photo in zip(video, image):
+            measure_video(video_to_uint8(clip), photo=photo[None], image_encoder=tower)
+    measures_s = (_clock(device) - start) / spec.batch
     begin = stamps[-1] - sample_s
     steps = [b - a for a, b in zip([begin, *stamps[:-1]], stamps)]
 
     if device.type == "cuda":
-        peak, kind = times.peak_bytes / 2**30, "cuda max_memory_allocated"
+        peak = max(times.peak_bytes, torch.cuda.max_memory_allocated(device)) / 2**30  # the measures too
+        kind = "cuda max_memory_allocated"
     else:
         peak, kind = process_peak_rss_gib(), "process peak RSS"
     later_calls = calls[len(calls) // len(steps) :] or calls  # the calls of steps 2.., or all with one step
@@ -308,6 +319,7 @@ def run_benchmark(spec: BenchSpec) -> BenchResult:
         sample_s=sample_s,
         decode_s=decode_s,
         decode_chunk=times.decode_chunk,
+        measures_s=measures_s,
         end_to_end_s=encode_s + sample_s + decode_s,
         peak_memory_gib=peak,
         memory_kind=kind,

@@ -6,7 +6,8 @@ Letters: B batch, T frames, H x W pixels.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -34,6 +35,19 @@ def offload_encoders(model: DynamiCrafter) -> None:
     for tower in _encoders(model):
         tower.to("cpu")
     torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def vision_tower_on_device(model: DynamiCrafter) -> Iterator[torch.nn.Module]:
+    """The CLIP vision tower where the UNet is for the block (the quality measures after decoding), then back where
+    it was: sampling never holds it on the GPU for them."""
+    tower = model.image_encoder
+    home = next(tower.parameters()).device
+    tower.to(next(model.unet.parameters()).device)
+    try:
+        yield tower
+    finally:
+        tower.to(home)
 
 
 def decode_within_peak(model: DynamiCrafter, latents: torch.Tensor, decode: Decode) -> tuple[torch.Tensor, int]:

@@ -33,20 +33,20 @@ from .common import (
 ENGINES = ("local", "ray")
 
 
-def summary_table(outcomes: list[Outcome]) -> Table:
-    """Every item: status, seed, measures (motion / dynamic degree / conformity, flags), output or error."""
+def summary_table(outcomes: list[Outcome], measures: bool) -> Table:
+    """Every item: status, seed, output or error, and (on a terminal wide enough for them) its measures: motion /
+    dynamic degree / conformity and flags.  report.html has them all."""
     table = Table(title="batch summary")
-    table.add_column("item", no_wrap=True)
-    for column in ("status", "seed", "mot/dyn/conf", "flags"):
+    columns = ["item", "status", "seed", *(["mot/dyn/conf", "flags"] if measures else []), "output / error"]
+    for column in columns:
         table.add_column(column)
-    table.add_column("output / error", overflow="fold")
     colour = {"done": "green", "skipped": "cyan", "failed": "red"}
     for o in outcomes:
         m = o.measures or {}
         numbers = "/".join("–" if m.get(k) is None else f"{m[k]:.2f}" for k in ("motion", "dynamic_degree", "conformity"))
+        shown = [numbers if m else "", f"[yellow]{', '.join(m.get('flags') or [])}[/]"] if measures else []
         table.add_row(escape(o.item.image.name), f"[{colour[o.status]}]{o.status}[/]",
-                      "" if o.seed is None else str(o.seed), numbers if m else "",
-                      f"[yellow]{', '.join(m.get('flags') or [])}[/]", escape(o.error or str(o.output)))
+                      "" if o.seed is None else str(o.seed), *shown, escape(o.error or str(o.output)))
     return table
 
 
@@ -180,7 +180,7 @@ def batch(
                                       "output": str(o.output) if o.output else None, "error": o.error,
                                       "measures": o.measures} for o in ordered]) + "\n")
     elif not quiet:
-        console.print(summary_table(ordered))
+        console.print(summary_table(ordered, measures=not no_measures and console.width >= 110))
     else:  # --quiet: the errors only, one line each
         for o in failed:
             console.print(f"[bold red]error:[/] {escape(o.item.image.name)}: {escape(o.error or 'failed')}", markup=True)

@@ -26,6 +26,7 @@ ROWS = (
     ("sample_s", "all steps", "{:.2f} s"),
     ("decode_s", "decode", "{:.3f} s"),
     ("end_to_end_s", "end to end (encode + steps + decode)", "{:.2f} s"),
+    ("measures_s", "quality measures per video", "{:.3f} s"),
     ("peak_memory_gib", "peak memory", "{:.2f} GiB"),
     ("unet_tflop", "work per UNet call", "{:.3f} TFLOP"),
     ("tflops", "achieved", "{:.2f} TFLOP/s"),
