@@ -212,3 +212,21 @@ def test_report_in_chromium(report_folder: Path):
             browser.save_screenshot(os.environ["REPORT_SCREENSHOT"])
     finally:
         browser.quit()
+
+
+def test_photos_are_found_from_anywhere(tmp_path: Path, monkeypatch):
+    """A batch run from the folder above ``photos/`` records ``photos/a.png``; the page, built from another working
+    folder, still finds the photo (relative to the folders above the sidecar)."""
+    from PIL import Image
+
+    from dynamicrafter.video import write_frames
+
+    photos = tmp_path / "work" / "photos"
+    (photos / "animated").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(photos / "a.png")
+    write_frames(np.zeros((4, 32, 32, 3), np.uint8), photos / "animated" / "a.mp4", 8)
+    (photos / "animated" / "a.json").write_text(json.dumps({
+        "tool": "dynamicrafter", "image": "photos/a.png", "output": "photos/animated/a.mp4", "prompt": "p", "fps": 8}))
+    monkeypatch.chdir(tmp_path)
+    page = build_report(photos / "animated").read_text()
+    assert "photo not found" not in page

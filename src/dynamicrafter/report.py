@@ -66,11 +66,16 @@ def read_sidecars(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def _candidates(name: str | None, near: Path) -> list[Path]:
-    """Where a path written in a sidecar may be now: beside the sidecar first, then as written (cwd or absolute)."""
+    """Where a path written in a sidecar may be now: beside the sidecar first, then as written (cwd or absolute),
+    then relative to the folders above the sidecar (a batch writes ``photos/a.jpg`` run from the folder above
+    ``photos/animated/``, and the page may be built from anywhere)."""
     if not name:
         return []
     p = Path(name)
-    return [near / p.name, p] if p.is_absolute() else [near / p.name, near / p, p]
+    if p.is_absolute():
+        return [near / p.name, p]
+    above = list(near.absolute().parents)
+    return [near / p.name, near / p, p, *(a / p for a in above), *(a / p.name for a in above[:1])]
 
 
 def find_output(sidecar: Path, record: Mapping[str, Any]) -> Path | None:
@@ -193,20 +198,23 @@ def _item_row(index: int, sidecar: Path, record: Mapping[str, Any], page_dir: Pa
     flags = [str(f) for f in measures.get("flags") or []]
     warning = warning_for(measures)
     name = output.name if output is not None else sidecar.stem
-    cells = [
+    flags_cell = (
+        f'<td data-v="{_e(" ".join(flags))}"><div class="flags">{_e(", ".join(flags))}</div>'
+        + (f'<div class="warn">{_e(warning)}</div>' if warning else "")
+        + "".join(f'<div class="note">{_e(n)}</div>' for n in notes) + "</td>"
+    )
+    cells = [  # the order of the headers in render()
         f'<td class="num" data-v="{index}">{index}</td>',
         f"<td>{photo_html}</td>",
         f'<td>{media_html}<div class="name">{_e(name)}</div></td>',
         f'<td class="stills">{stills_html}</td>',
+        flags_cell,
         f'<td class="prompt"><div>{_e(record.get("prompt"))}</div>'
         + (f'<div class="neg">not: {_e(record["negative_prompt"])}</div>' if record.get("negative_prompt") else "")
         + _settings_html(record) + "</td>",
         _number_cell(record.get("seed"), 0),
         _number_cell(record.get("image_scale"), 2),
         *(_number_cell(measures.get(key), dec) for key, _, dec in MEASURE_COLUMNS),
-        f'<td data-v="{_e(" ".join(flags))}"><div class="flags">{_e(", ".join(flags))}</div>'
-        + (f'<div class="warn">{_e(warning)}</div>' if warning else "")
-        + "".join(f'<div class="note">{_e(n)}</div>' for n in notes) + "</td>",
     ]
     cls = ' class="flagged"' if flags else ""
     return f'<tr id="item-{index}"{cls} data-sidecar="{_e(sidecar.name)}">{"".join(cells)}</tr>', bool(flags)
@@ -289,9 +297,9 @@ of the frame's shorter side; a video is static when fewer than 4 in 15 frame pai
 def render(rows: list[str], failures: list[Mapping[str, Any]], title: str, flagged: int) -> str:
     """The whole page from rendered item rows and failure records."""
     heads = ['<th class="sortable">#</th>', "<th>photo</th>", "<th>video</th>", "<th>first · middle · last</th>",
-             "<th>prompt</th>", '<th class="sortable">seed</th>', '<th class="sortable">image scale</th>']
+             '<th class="sortable" data-key="flags">flags</th>', "<th>prompt</th>", '<th class="sortable">seed</th>',
+             '<th class="sortable">image scale</th>']
     heads += [f'<th class="sortable" data-key="{key}">{_e(t)}</th>' for key, t, _ in MEASURE_COLUMNS]
-    heads.append('<th class="sortable" data-key="flags">flags</th>')
     summary = f"{len(rows)} video{'s' * (len(rows) != 1)}, {flagged} flagged, {len(failures)} failed"
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
