@@ -220,7 +220,7 @@ def test_batch_resumes_reports_and_shards(tmp_path):
     records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
     assert set(records) == {"p0", "p1", "p2"}
     assert records["p0"]["prompt"] == "waves on the sea" and records["p1"]["prompt"] == "moving"
-    from dynamicrafter.batch import item_seed
+    from dynamicrafter.items import item_seed
 
     assert records["p2"]["seed"] == item_seed(123, "p2.jpg")
     result = run("batch", folder, "--prompt", "moving", "--out-dir", out, *FAST, "--json")
@@ -282,7 +282,7 @@ def test_batch_manifest_and_interrupt(tmp_path, monkeypatch):
 def test_batch_items_keep_their_seed_when_a_namesake_arrives(tmp_path):
     """Adding a.jpg beside a.png renames a.png's output (a_png) but keeps its seed (from the photo's file name);
     a manifest row whose photo is missing is an item that fails, not a silent skip."""
-    from dynamicrafter.batch import collect_items, seed_of
+    from dynamicrafter.items import collect_items, seed_of
 
     folder = tmp_path / "photos"
     folder.mkdir()

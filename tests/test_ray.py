@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dynamicrafter import ray_engine
-from dynamicrafter.batch import item_seed
+from dynamicrafter.items import item_seed
 from dynamicrafter.cli import app
 from dynamicrafter.files import atomic_path
 from dynamicrafter.video import read_video

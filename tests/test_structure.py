@@ -17,8 +17,8 @@ LAYERS = [
     {"errors", "config", "settings", "presets", "files", "tokenizer", "images", "long_video", "sampling", "devices"},
     # 1: the networks, their weights, and the writers of videos and pictures
     {"models", "checkpoint", "hub", "video", "pictures", "measures"},
-    # 2: the pipeline's stages, and a request checked before any model loads
-    {"conditioning", "memory", "pipeline", "request"},
+    # 2: the pipeline's stages; a request, and a batch's items, checked before any model loads
+    {"conditioning", "memory", "pipeline", "request", "items"},
     # 3: λ sweeps (a pipeline run per λ batch)
     {"sweep"},
     # 4: the public API

@@ -220,7 +220,7 @@ class Animator:
         import torch
 
         from .measures import measure_video
-        from .memory import vision_tower_on_device
+        from .memory import check_fits, vision_tower_on_device
         from .pipeline import animate
         from .video import video_to_uint8
 
@@ -230,6 +230,7 @@ class Animator:
         if any(r.batch_key != first.batch_key for r in requests):
             raise ValueError("requests of one batch must share settings, mode and image_scale (see batch_key)")
         expand = [(r, seed) for r in requests for seed in r.seeds]
+        check_fits(len(expand), first.settings.frames, *first.start.shape[2:], self.device)
         started = time.perf_counter()
         video = animate(  # (N, 3, T, H, W)
             self.net,

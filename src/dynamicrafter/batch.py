@@ -1,4 +1,4 @@
-"""Batches of photos: discovering items, reading prompt manifests, per-item seeds, sharding, and running them.
+"""Running a batch of items (see :mod:`dynamicrafter.items` for how a folder becomes one): resume, jobs, groups.
 
 An item's output is complete when its video *and* its JSON sidecar exist (the sidecar is written last, both
 atomically), so a rerun skips finished items and redoes anything interrupted.  Each item's seed is derived from the
@@ -12,40 +12,18 @@ and yields one :class:`Outcome` per item.
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .api import Animator
 from .errors import SettingsError
-from .files import sidecar_path
-from .images import IMAGE_SUFFIXES
+from .files import check_name, sidecar_path
+from .items import Item, seed_of
 from .request import Request, make_request
-
-# Per-item settings a manifest may carry, with their types.
-ITEM_SETTINGS: dict[str, type] = {
-    "seed": int, "steps": int, "cfg": float, "cfg_img": float, "eta": float, "fs": int, "frames": int,
-    "negative_prompt": str, "end_image": str, "image_scale": float,
-}
-
-
-class ManifestError(ValueError):
-    """A prompts file that cannot be read."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """One photo to animate and everything that is particular to it."""
-
-    image: Path
-    prompt: str | None
-    name: str  # output stem, unique within the batch
-    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,109 +69,6 @@ class Job:
     output: Path
 
 
-def item_seed(run_seed: int, name: str) -> int:
-    """A stable 31-bit seed from the run's seed and the item's photo file name (``p1.png``)."""
-    digest = hashlib.sha256(f"{run_seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def seed_of(item: Item, run_seed: int) -> int:
-    """The item's own manifest seed, else :func:`item_seed` of the run's seed and its photo's file name (not the
-    output name, which another photo with the same stem can change)."""
-    return int(item.overrides["seed"]) if "seed" in item.overrides else item_seed(run_seed, item.image.name)
-
-
-def find_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder`` (png/jpg/jpeg/webp/bmp, any case), sorted by name."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"not a folder: {folder}")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
-    """CSV (header row) or JSONL prompts file -> {image name: {"prompt": ..., settings...}}."""
-    if not path.is_file():
-        raise ManifestError(f"prompts file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"cannot read prompts file {path}: {exc}") from None
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ManifestError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-    elif path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-    else:
-        raise ManifestError(f"prompts file must be .csv or .jsonl (got {path.name})")
-    out: dict[str, dict[str, Any]] = {}
-    for n, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not row.get("image"):
-            raise ManifestError(f"{path}: row {n} has no 'image'")
-        entry: dict[str, Any] = {"prompt": row.get("prompt")}
-        for key, kind in ITEM_SETTINGS.items():
-            value = row.get(key)
-            if value not in (None, ""):
-                try:
-                    entry[key] = kind(value)
-                except (TypeError, ValueError):
-                    raise ManifestError(f"{path}: row {n}: {key}={value!r} is not a {kind.__name__}") from None
-        out[Path(str(row["image"])).name] = entry
-    return out
-
-
-def collect_items(folder: Path, prompt: str | None = None, manifest: Path | None = None) -> list[Item]:
-    """Every image of ``folder`` with its prompt: manifest row, else ``<stem>.txt`` beside it, else ``prompt``.
-
-    A manifest row whose photo is not in the folder is an item too (it fails, and the summary says why).  Outputs
-    are named after the photo's stem; photos sharing a stem (``a.png``, ``a.jpg``) keep their suffix (``a_png``).
-    """
-    rows = read_manifest(manifest) if manifest else {}
-    images = find_images(folder)
-    present = {image.name for image in images}
-    missing = [folder / name for name in rows if name not in present]  # reported as failed items, never skipped
-    items = []
-    for image in images + missing:
-        row = dict(rows.get(image.name, {}))
-        text = row.pop("prompt", None)
-        sidecar = image.with_suffix(".txt")
-        if not text and sidecar.is_file():
-            text = sidecar.read_text(encoding="utf-8").strip()
-        if "end_image" in row:
-            row["end_image"] = str(folder / row["end_image"])
-        items.append(Item(image=image, prompt=text or prompt, name=image.stem, overrides=row))
-    names = [i.name for i in items]
-    for item in items:  # photo.png and photo.jpg would share an output name: keep the suffix for those
-        if names.count(item.name) > 1:
-            items[items.index(item)] = replace(item, name=f"{item.image.stem}_{item.image.suffix.lstrip('.').lower()}")
-    return items
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """``"I/N"`` (1-based) -> (I, N); None passes through."""
-    if text is None:
-        return None
-    try:
-        i, n = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise SettingsError("shard", f"{{setting}} must look like I/N, e.g. 1/4 (got {text!r})") from None
-    if not (n >= 1 and 1 <= i <= n):
-        raise SettingsError("shard", f"{{setting}} {text}: need 1 <= I <= N")
-    return i, n
-
-
-def shard(items: Sequence[Item], spec: tuple[int, int] | None) -> list[Item]:
-    """The I-th of N disjoint slices (round-robin over the sorted items), or everything."""
-    if spec is None:
-        return list(items)
-    i, n = spec
-    return [item for k, item in enumerate(items) if k % n == i - 1]
-
-
 def is_complete(output: Path, sidecar: Path) -> bool:
     return output.exists() and sidecar.is_file()
 
@@ -208,14 +83,15 @@ def recorded(sidecar: Path) -> tuple[int | None, dict[str, Any] | None]:
 
 
 def split_finished(items: Iterable[Item], spec: BatchSpec) -> tuple[list[Item], list[Outcome]]:
-    """(items still to animate, a "skipped" outcome for each item whose complete output exists).
-
-    With ``spec.overwrite`` nothing is skipped.
+    """(items still to animate, an outcome for each of the others: "failed" for an item with a known problem,
+    "skipped" for one whose complete output exists (with ``spec.overwrite`` nothing is skipped)).
     """
     todo, skipped = [], []
     for item in items:
         output = spec.output(item)
-        if not spec.overwrite and is_complete(output, sidecar_path(output)):
+        if item.problem is not None:
+            skipped.append(Outcome(item, "failed", error=item.problem))
+        elif not spec.overwrite and is_complete(output, sidecar_path(output)):
             seed, measures = recorded(sidecar_path(output))
             skipped.append(Outcome(item, "skipped", output, seed=seed, measures=measures))
         else:
@@ -254,7 +130,10 @@ def describe(exc: BaseException) -> str:
 
 
 def prepare_job(item: Item, spec: BatchSpec) -> Job:
-    """Validate one item (prompt, images, per-item settings) into a :class:`Job`; raises what animate would."""
+    """Validate one item (prompt, images, per-item settings, output name) into a :class:`Job`; raises what animate
+    would."""
+    if item.problem is not None:
+        raise SettingsError("prompts", item.problem)
     if not item.prompt or not item.prompt.strip():
         raise SettingsError("prompt", f"no prompt: add {item.image.stem}.txt, a prompts-file row, or a prompt for all")
     opts = {**spec.options, **item.overrides}
@@ -264,6 +143,8 @@ def prepare_job(item: Item, spec: BatchSpec) -> Job:
         steps=opts.get("steps"), cfg_scale=opts.get("cfg"), cfg_img=opts.get("cfg_img"), eta=opts.get("eta"),
         fs=opts.get("fs"), frames=opts.get("frames"),
     )
+    check_name(spec.output(item))  # a name the file system refuses fails now, not after the generation
+    check_name(sidecar_path(spec.output(item)))
     return Job(item, request, spec.output(item))
 
 

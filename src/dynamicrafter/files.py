@@ -82,3 +82,64 @@ def atomic_path(final: Path, is_dir: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+
+
+def check_name(final: Path) -> None:
+    """Raise OutputError unless a file named like ``final`` can be created in its folder: the temporary name
+    :func:`atomic_path` will use is made and removed (a name too long for the file system, an unwritable folder)."""
+    final = Path(final)
+    if str(final) == "-":
+        raise OutputError("an output cannot be '-' (standard output): name a file or a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write {final}: {exc.strerror or exc}") from None
+
+
+LOCK_NAME = ".dynamicrafter.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[Path]:
+    """Hold ``folder/.dynamicrafter.lock`` (this process's pid and host) for the block: a second batch writing to
+    the same folder is refused with the holder named, instead of both animating every item.  A lock whose process
+    is gone (on this host) is stale and taken over."""
+    import socket
+
+    lock = Path(folder) / LOCK_NAME
+    host = socket.gethostname()
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid_text, _, holder = lock.read_text().partition(" ")
+                pid = int(pid_text)
+            except (OSError, ValueError):
+                pid, holder = -1, ""
+            if holder.strip() == host and pid > 0 and not _alive(pid):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise OutputError(
+                f"another batch (pid {pid} on {holder.strip() or 'an unknown host'}) is writing to {folder}; wait for "
+                f"it to finish, or delete {lock} if it is gone"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {host}")
+        break
+    else:
+        raise OutputError(f"could not take the lock {lock}")
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)

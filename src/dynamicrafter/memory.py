@@ -72,3 +72,42 @@ def decode_within_peak(model: DynamiCrafter, latents: torch.Tensor, decode: Deco
     chunk = max(1, min(b * (t - 1), int(headroom // per_frame))) if t > 1 else b
     video = first if t == 1 else torch.cat([first, decode(model, latents[:, :, 1:], chunk)], dim=2)
     return video, chunk
+
+
+def available_bytes(device: str | torch.device) -> int | None:
+    """Memory a run may still take on ``device``: free CUDA memory, else the system's MemAvailable (None where
+    neither can be read)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def video_bytes(batch: int, frames: int, height: int, width: int) -> int:
+    """What a run holds for its whole length at once, beyond the model and one UNet batch: the latent video and
+    its sampler state (float32, a few copies), the decoded float32 video twice (decoding, clamping) and the uint8
+    frames; a long video's UNet batches stay a few windows wide whatever its length."""
+    latent = 4 * (height // 8) * (width // 8) * 4 * 6  # x_t, noise, model output, fused output, concat, weights
+    pixels = 3 * height * width * (4 * 2 + 1)
+    return batch * frames * (latent + pixels)
+
+
+def check_fits(batch: int, frames: int, height: int, width: int, device: str | torch.device) -> None:
+    """Refuse a frame count whose whole-length tensors (:func:`video_bytes`) exceed the memory left on ``device``,
+    before any work; a SettingsError that names ``frames`` and the most that fits."""
+    from .errors import SettingsError
+
+    free = available_bytes(device)
+    need = video_bytes(batch, frames, height, width)
+    if free is not None and need > free:
+        most = max(0, free // max(1, video_bytes(batch, 1, height, width)))
+        raise SettingsError(
+            "frames",
+            f"{frames} frames at {height}x{width} (x{batch}) need about {need / 2**30:.1f} GiB for the video alone, "
+            f"more than the {free / 2**30:.1f} GiB free on {torch.device(device)}; use {{setting}} {most} or fewer",
+        )

@@ -41,6 +41,7 @@ from .sampling import (
 from .settings import SamplingSettings
 
 Progress = Callable[[int, int], None]
+WINDOWS_PER_BATCH = 4  # long videos: windows per UNet batch unless asked otherwise (memory stays flat in length)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -55,9 +56,13 @@ def sampler_dtype(model: DynamiCrafter) -> torch.dtype:
 
 
 def guided_denoiser(
-    model: DynamiCrafter, cond: Conditioning, settings: SamplingSettings
+    model: DynamiCrafter, cond: Conditioning, settings: SamplingSettings, prepared: dict | None = None
 ) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """``model_fn(x, t)`` -> guided raw UNet output (eps or v); the 1-3 guidance branches run as one UNet batch."""
+    """``model_fn(x, t)`` -> guided raw UNet output (eps or v); the 1-3 guidance branches run as one UNet batch.
+
+    ``prepared``: projected contexts shared between denoisers whose conditioning differs only in ``concat`` (the
+    windows of a long video), by batch size; filled here when missing.
+    """
     use_cfg = settings.cfg_scale != 1.0
     multi = use_cfg and settings.cfg_img is not None
     contexts = [cond.context]
@@ -69,7 +74,11 @@ def guided_denoiser(
     dtype = placement(model)[1]
     frames = cond.concat.shape[2]
     # the step-invariant work, once per run: fs embedding, every layer's context keys and values, λ
-    context = model.unet.prepare(torch.cat(contexts), cond.fs.repeat(n), frames, cond.image_scale)  # (n*B, ...)
+    prepared = {} if prepared is None else prepared
+    key = (cond.context.shape[0], frames)
+    if key not in prepared:
+        prepared[key] = model.unet.prepare(torch.cat(contexts), cond.fs.repeat(n), frames, cond.image_scale)
+    context = prepared[key]  # (n*B, ...)
 
     def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:
         xin = torch.cat([x.to(dtype), cond.concat.to(dtype)], dim=1).repeat(n, 1, 1, 1, 1)  # (n*B, 8, T, h, w)
@@ -107,7 +116,8 @@ def windowed_denoiser(
     """``model_fn(x, t)`` for a long latent (B, 4, T, h, w): every window is an ordinary guided call, fused.
 
     Windows of ``settings.window`` frames start every ``settings.stride`` frames; ``window_batch`` windows (None:
-    all) go through the UNet as one batch.  The guided outputs are averaged with the tapering weights of
+    up to :data:`WINDOWS_PER_BATCH`) go through the UNet as one batch, so a UNet batch stays a few windows wide
+    whatever the video's length; groups of one size share one projected context.  The guided outputs are averaged with the tapering weights of
     :func:`~dynamicrafter.long_video.blend_weights`.  Fusing the model output is the same as fusing each window's
     DDIM update, because the update is linear in it.  One window covering all T frames gives exactly the plain
     :func:`guided_denoiser` result.
@@ -118,9 +128,10 @@ def windowed_denoiser(
     weights = blend_weights(frames, window, starts).to(cond.concat.device)
     if window_batch is not None and window_batch < 1:
         raise ValueError(f"window_batch must be at least 1, got {window_batch}")
-    size = window_batch or len(starts)
+    size = window_batch or min(len(starts), WINDOWS_PER_BATCH)
     groups = [starts[i : i + size] for i in range(0, len(starts), size)]
-    denoisers = [guided_denoiser(model, _window_conditioning(cond, g, window), settings) for g in groups]
+    prepared: dict = {}
+    denoisers = [guided_denoiser(model, _window_conditioning(cond, g, window), settings, prepared) for g in groups]
 
     def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:
         outs = [fn(split_windows(x, g, window), t) for g, fn in zip(groups, denoisers)]

@@ -24,8 +24,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .batch import BatchSpec, Item, Outcome, describe, prepare_jobs, run_jobs, seed_of
+from .batch import BatchSpec, Outcome, describe, prepare_jobs, run_jobs
 from .errors import SettingsError
+from .items import Item, seed_of
 
 INSTALL_HINT = "pip install 'dynamicrafter[ray]'"
 MAX_RETRIES = 3  # restarts of a dead worker, and re-runs of each batch it held
@@ -93,6 +94,7 @@ class BatchWorker:
             jobs, outcomes = prepare_jobs(items, self.spec)
             outcomes += run_jobs(self.animator, jobs, self.spec)
         return {
+            "image": [str(o.item.image) for o in outcomes],
             "name": [o.item.name for o in outcomes],
             "status": [o.status for o in outcomes],
             "output": [str(o.output) if o.output else "" for o in outcomes],
@@ -216,11 +218,11 @@ def run_on_ray(
                 num_cpus=plan.cpus, num_gpus=plan.gpus or None,
                 max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
             )
-        pending = {item.name: item for item in items}
+        pending = {str(item.image.absolute()): item for item in items}  # rows carry absolute paths (to_row)
         lost = f"its Ray worker died and {MAX_RETRIES} retries ran out; rerun to try again"
         try:
             for row in results.iter_rows():
-                item = pending.pop(str(row["name"]))
+                item = pending.pop(str(row["image"]))
                 yield Outcome(item, str(row["status"]), spec.output(item) if row["output"] else None,
                               str(row["error"]) or None, None if row["seed"] < 0 else int(row["seed"]),
                               json.loads(str(row["measures"])))

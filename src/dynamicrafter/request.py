@@ -86,6 +86,8 @@ def make_request(
         raise SettingsError("loop", "{setting} and end_image exclude each other")
     if samples < 1:
         raise SettingsError("samples", f"{{setting}} must be at least 1 (got {samples})")
+    if not -(2**63) <= int(seed) <= 2**63 - samples:  # the generators' int64 range, every sample's seed included
+        raise SettingsError("seed", f"{{setting}} must be a whole number within ±2**63 (got {seed})")
     if image_scale is not None and not math.isfinite(image_scale):
         raise SettingsError("image_scale", f"{{setting}} must be a finite number (got {image_scale})")
     start_picture, image_path = _picture(image, "image")

@@ -73,6 +73,12 @@ def check_values(values: Sequence[float]) -> list[float]:
     repeated = sorted({f"{v:g}" for v in values if values.count(v) > 1})
     if repeated:
         raise SettingsError("values", f"{{setting}} lists {', '.join(repeated)} more than once")
+    labels = [f"{v:g}" for v in values]  # names of the videos (lambda_<label>.mp4) and of the grid's columns
+    alike = sorted({label for label in labels if labels.count(label) > 1})
+    if alike:
+        same = [repr(v) for v, label in zip(values, labels) if label == alike[0]]
+        raise SettingsError("values", f"{{setting}} {' and '.join(same)} print the same ({alike[0]}) and would share "
+                                      f"one video; give values that differ in the first 6 digits")
     return values
 
 

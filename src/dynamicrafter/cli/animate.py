@@ -26,6 +26,8 @@ def output_paths(image: Path, out: Path | None, fmt: str | None, samples: int) -
 
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if out is not None and str(out) == "-":
+        raise UsageError("--out - would not go to standard output (videos are files); name a file or a folder")
     if out is None:
         out = Path(image.stem if fmt == "png" else f"{image.stem}.{fmt or 'mp4'}")
     if fmt is None:
@@ -80,7 +82,8 @@ def animate(
     """Animate IMAGE following PROMPT; writes the video and a JSON sidecar with every setting."""
     from ..api import make_request
     from ..devices import resolve_device
-    from ..files import OutputError, check_replaceable, ensure_writable_dir, sidecar_path
+    from ..files import OutputError, check_name, check_replaceable, ensure_writable_dir, sidecar_path
+    from ..memory import check_fits
     from ..presets import get_preset
     from ..video import check_fps
 
@@ -109,8 +112,15 @@ def animate(
                     f"{sidecar_path(path)} (the sidecar this run writes) exists; pass --overwrite or choose another --out"
                 )
     ensure_writable_dir(outputs[0].parent)
+    for path in outputs:
+        try:
+            check_name(path)  # a name the file system refuses fails now, not after the generation
+            check_name(sidecar_path(path))
+        except OutputError as exc:
+            raise UsageError(str(exc)) from None
     check_checkpoint_path(checkpoint)
     torch_device, torch_dtype = resolve_device(device, dtype)
+    check_fits(samples, request.settings.frames, preset.height, preset.width, torch_device)
     check_fps(fps)
     if retry_static < 0 or (retry_static and no_measures):
         raise UsageError("--retry-static needs the measures and a count >= 0")

@@ -31,7 +31,36 @@ state = {"debug": False}
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: what is finished stays, nothing partial is left, a summary is printed."""
+
+
+def interrupted_code(stop: BaseException) -> int:
+    return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises :class:`Terminated` (in the main thread only, where signals arrive)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class UsageError(ValueError):
@@ -44,7 +73,8 @@ FLAGS = {
     "frames": "--frames", "window": "--window/--stride", "image_scale": "--lambda", "samples": "--samples",
     "fps": "--fps", "device": "--device", "dtype": "--dtype", "layers": "--layers", "values": "--values",
     "shard": "--shard", "workers": "--workers", "batch_size": "--batch-size", "loop": "--loop",
-    "end_image": "--end-image", "random_weights": "--random-weights",
+    "end_image": "--end-image", "random_weights": "--random-weights", "seed": "--seed",
+    "retry_static": "--retry-static", "prompts": "--prompts",
 }
 
 
@@ -52,8 +82,7 @@ def flag_names(text: str) -> str:
     """A library sentence naming settings (``image_scale``, ``fs``, ``seed``) with the CLI's flags instead."""
     import re
 
-    names = {**FLAGS, "seed": "--seed"}
-    return re.sub(r"\b(image_scale|fs|seed|steps|cfg_scale)\b", lambda m: names[m.group(1)], text)
+    return re.sub(r"\b(image_scale|fs|seed|steps|cfg_scale)\b", lambda m: FLAGS[m.group(1)], text)
 
 
 def message(exc: BaseException) -> str:
@@ -114,16 +143,17 @@ F = TypeVar("F", bound=Callable)
 
 
 def handle_errors(command: F) -> F:
-    """Map known exceptions to a one-line error and exit code; Ctrl-C to exit 130."""
+    """Map known exceptions to a one-line error and exit code; Ctrl-C to exit 130, SIGTERM to 143."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return command(*args, **kwargs)
         except typer.Exit:
             raise
-        except KeyboardInterrupt:
-            raise fail("interrupted; no partial output was left behind", EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as stop:
+            raise fail("interrupted; no partial output was left behind", interrupted_code(stop)) from None
         except Exception as exc:
             code = exit_code(exc)
             if code is None or state["debug"]:

@@ -20,10 +20,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..batch import (
-    BatchSpec, Item, Outcome, clear_partials, collect_items, parse_shard, prepare_jobs, run_jobs, shard, split_finished,
-)
-from .app import EXIT_FAILED, EXIT_INTERRUPTED, UsageError, app, console, handle_errors
+from ..batch import BatchSpec, Outcome, clear_partials, prepare_jobs, run_jobs, split_finished
+from ..items import Item, collect_items, parse_shard, shard
+from .app import EXIT_FAILED, UsageError, app, console, handle_errors, interrupted_code
 from .common import (
     CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, FpsOpt, FsOpt, JsonOpt, LambdaOpt,
     ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path,
@@ -125,7 +124,8 @@ def batch(
 ) -> None:
     """Animate every photo in FOLDER; reruns skip finished items; exit code 1 if any item failed."""
     from ..devices import check_device_names, resolve_device
-    from ..files import ensure_writable_dir
+    from ..files import ensure_writable_dir, folder_lock
+    from ..memory import check_fits
     from ..presets import get_preset
     from ..video import FORMATS, check_fps
 
@@ -135,6 +135,8 @@ def batch(
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     check_engine(engine, address, workers, gpus_per_worker)
+    if out_dir is not None and str(out_dir) == "-":
+        raise UsageError("--out-dir - is not a folder; name one")
     items = shard(collect_items(folder, prompt, prompts), parse_shard(shard_spec))
     if not items:
         raise UsageError(f"no images in {folder} (looked for png, jpg, jpeg, webp, bmp)")
@@ -142,7 +144,8 @@ def batch(
     ensure_writable_dir(out_dir)
     check_checkpoint_path(checkpoint)
     if engine == "local":
-        resolve_device(device, dtype)
+        torch_device = resolve_device(device, dtype)[0]
+        check_fits(batch_size, frames or preset.frames, preset.height, preset.width, torch_device)
     else:
         check_device_names(device, dtype)
     options = {k: v for k, v in dict(steps=steps, cfg=cfg, cfg_img=cfg_img, eta=eta, fs=fs, frames=frames,
@@ -153,27 +156,28 @@ def batch(
                      device=device, dtype=dtype, fps=fps, batch_size=batch_size, overwrite=overwrite,
                      measures=not no_measures)
 
-    todo, skipped = split_finished(items, spec)  # finished items are never scheduled
-    outcomes = {o.item.name: o for o in skipped}
-    interrupted = False
+    todo, skipped = split_finished(items, spec)  # finished items and known problems are never scheduled
+    outcomes = {o.item.image: o for o in skipped}
+    interrupted: KeyboardInterrupt | None = None
     if todo:
-        clear_partials(todo, spec)
-        if engine == "local":
-            results = run_local(todo, spec, preset, quiet)
-        else:
-            from ..ray_engine import run_on_ray
+        with folder_lock(out_dir):  # a second batch on this folder is refused while this one runs
+            clear_partials(todo, spec)
+            if engine == "local":
+                results = run_local(todo, spec, preset, quiet)
+            else:
+                from ..ray_engine import run_on_ray
 
-            results = run_on_ray(todo, spec, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
-                                 quiet=quiet)
-        try:
-            with closing(results):
-                for outcome in results:
-                    outcomes[outcome.item.name] = outcome
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            clear_partials(todo, spec)  # what killed workers left behind
-    ordered = [outcomes[i.name] for i in items if i.name in outcomes]
+                results = run_on_ray(todo, spec, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
+                                     quiet=quiet)
+            try:
+                with closing(results):
+                    for outcome in results:
+                        outcomes[outcome.item.image] = outcome
+            except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (see app.handle_errors)
+                interrupted = stop
+            finally:
+                clear_partials(todo, spec)  # what killed workers left behind
+    ordered = [outcomes[i.image] for i in items if i.image in outcomes]
     failed = [o for o in ordered if o.status == "failed"]
     if as_json:
         sys.stdout.write(json.dumps([{"image": str(o.item.image), "status": o.status, "seed": o.seed,
@@ -193,8 +197,8 @@ def batch(
     counts = {s: sum(o.status == s for o in ordered) for s in ("done", "skipped", "failed")}
     if not quiet:
         console.print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
-    if interrupted:
+    if interrupted is not None:
         console.print("interrupted: finished items are kept; rerun the same command to do the rest")
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(interrupted_code(interrupted))
     if failed:
         raise typer.Exit(EXIT_FAILED)

@@ -65,6 +65,7 @@ def lambda_sweep(
     from ..api import make_request
     from ..devices import resolve_device
     from ..files import ensure_writable_dir
+    from ..memory import check_fits
     from ..presets import get_preset
     from ..sweep import check_values, layer_indices
     from ..video import check_fps
@@ -77,6 +78,8 @@ def lambda_sweep(
         preset, image, prompt, end_image=end_image, seed=seed, negative_prompt=negative_prompt, steps=steps,
         cfg_scale=cfg, cfg_img=cfg_img, eta=eta, fs=fs,
     )
+    if out_dir is not None and str(out_dir) == "-":
+        raise UsageError("--out-dir - is not a folder; name one")
     out_dir = out_dir or Path(f"{image.stem}_lambda_sweep")
     if (out_dir / "metrics.json").exists() and not overwrite:
         raise UsageError(f"{out_dir} already holds a sweep; pass --overwrite to replace it")
@@ -84,6 +87,7 @@ def lambda_sweep(
     check_checkpoint_path(checkpoint)
     torch_device, torch_dtype = resolve_device(device, dtype)
     check_fps(fps)
+    check_fits(batch_size or len(lambdas), request.settings.frames, preset.height, preset.width, torch_device)
 
     if verbose and not quiet:
         console.print(f"model {preset.name} on {torch_device} ({torch_dtype}), λ {lambdas} on blocks {blocks}, {request.settings}")
