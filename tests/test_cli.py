@@ -309,8 +309,9 @@ def test_models_lists_presets():
     assert rows["tiny"]["local"] == "built in" and rows["1024"]["resolution"] == "576x1024"
 
 
-def test_download_offline_and_builtin(monkeypatch):
+def test_download_offline_and_builtin(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever this machine has downloaded
     one_line_error(run("download", "256"), 1, "HF_HUB_OFFLINE")
     one_line_error(run("download", "tiny"), 2, "built in")
 

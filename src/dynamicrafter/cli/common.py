@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -34,6 +35,28 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print setting
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
 
 
+@contextmanager
+def download_bar(name: str, show: bool) -> Iterator[Optional[Callable[[int, Optional[int]], None]]]:
+    """A progress callback for :func:`~dynamicrafter.hub.fetch_weights` that draws a bar with the size, the speed and
+    the time left (None when not ``show``: quiet, or not a terminal)."""
+    if not show:
+        yield None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console) as bar:
+        tasks: list[TaskID] = []
+
+        def update(done: int, total: Optional[int]) -> None:
+            if not tasks:  # the bar appears with the first bytes, not for a check or a refusal
+                tasks.append(bar.add_task(name, total=total, completed=done))
+            bar.update(tasks[0], completed=done, total=total)
+
+        yield update
+
+
 def load_animator(preset: Preset, checkpoint: Path | None, device: str | None, dtype: str | None, quiet: bool = False):
     """The :class:`~dynamicrafter.api.Animator` of ``preset``: from ``checkpoint``, the local cache, a first-run
     download (announced on the console), or random (built-in presets), with a spinner while it loads."""
@@ -41,7 +64,9 @@ def load_animator(preset: Preset, checkpoint: Path | None, device: str | None, d
     from ..hub import weights_for
 
     if checkpoint is None and preset.downloadable:  # first run of a missing model: download when online
-        weights_for(preset, notify=None if quiet else console.print, alternative=", or pass --checkpoint PATH")
+        with download_bar(preset.name, show=not quiet and console.is_terminal) as progress:
+            weights_for(preset, notify=None if quiet else console.print, progress=progress,
+                        alternative=", or pass --checkpoint PATH")
     with console.status(f"loading the {preset.name} model", spinner="dots") if not quiet else nullcontext():
         return Animator.load(preset, checkpoint=checkpoint, device=device, dtype=dtype, download=False)
 

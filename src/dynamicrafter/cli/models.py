@@ -12,8 +12,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .app import UsageError, app, console, handle_errors
-from .common import JsonOpt, QuietOpt, VerboseOpt
+from .app import EXIT_INTERRUPTED, UsageError, app, console, fail, handle_errors
+from .common import JsonOpt, QuietOpt, VerboseOpt, download_bar
 
 @app.command()
 @handle_errors
@@ -66,7 +66,11 @@ def download(
         if verbose and not quiet:
             pin = f"pinned sha256 {p.sha256[:12]}…" if p.sha256 else "the hub's LFS sha256"
             console.print(f"{p.name}: {p.repo}/{p.file} into {directory or 'the Hugging Face cache'}, checked against {pin}")
-        path = fetch_weights(p, directory, notify=None if quiet else console.print)
+        try:
+            with download_bar(p.name, show=not quiet and console.is_terminal) as progress:
+                path = fetch_weights(p, directory, notify=None if quiet else console.print, progress=progress)
+        except KeyboardInterrupt:  # the bytes received so far stay for the next run
+            raise fail(f"interrupted; rerun `dynamicrafter download {p.name}` to resume", EXIT_INTERRUPTED) from None
         done.append({"model": p.name, "path": str(path)})
         if not quiet and not as_json:
             console.print(f"[green]ready[/] {p.name}: {path}", markup=True)
