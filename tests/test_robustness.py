@@ -73,7 +73,7 @@ def test_bad_and_duplicate_manifest_rows_fail_alone(tmp_path):
                         "c.png,rain,2,\n"
                         "c.png,snow,2,\n")          # c twice: refused, both rows named
     items = {i.image.name: i for i in collect_items(folder, None, manifest)}
-    assert "steps='two' is not a int" in items["a.png"].problem
+    assert "steps='two' is not a whole number" in items["a.png"].problem
     assert "rows 3 and 4" in items["c.png"].problem
     result = run("batch", folder, "--prompts", manifest, "--model", "tiny", "--format", "png", "--prompt", "x",
                  "--json")

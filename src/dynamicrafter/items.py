@@ -31,6 +31,9 @@ ITEM_SETTINGS: dict[str, type] = {
 }
 
 
+KINDS = {int: "a whole number", float: "a number", str: "text"}
+
+
 class ManifestError(ValueError):
     """A prompts file that cannot be read at all (a bad row only fails its item)."""
 
@@ -122,7 +125,7 @@ def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
                 try:
                     entry[key] = kind(value)
                 except (TypeError, ValueError):
-                    entry = {"problem": f"{path.name}: row {n}: {key}={value!r} is not a {kind.__name__}"}
+                    entry = {"problem": f"{path.name}: row {n}: {key}={value!r} is not {KINDS[kind]}"}
                     break
         out[name] = entry
     return out
