@@ -92,24 +92,22 @@ def test_decode_on_cpu_is_the_pipeline_decode(tiny) -> None:
     assert chunk == 4 and torch.equal(video, decode_latents(tiny, latents))
 
 
-def test_animate_offloads_the_encoders_after_encoding_unless_kept(tiny, monkeypatch) -> None:
-    """The memory policy the benchmark measures is the one ``animate`` runs: encode, then the encoders leave (a
-    no-op off CUDA), unless the caller keeps them for more runs (``batch``)."""
-    from dataclasses import replace
-
+def test_animate_places_the_parts_before_each_stage(tiny, monkeypatch) -> None:
+    """The memory policy the benchmark measures is the one every run follows: before encoding, sampling and decoding
+    the parts go where the offload mode wants them (the encoders leave after encoding unless a caller keeps them)."""
     from dynamicrafter import pipeline
-    
-    events: list[str] = []
+
+    events: list[tuple] = []
     encode = pipeline.make_conditioning
-    monkeypatch.setattr(pipeline, "make_conditioning", lambda *a, **k: events.append("encode") or encode(*a, **k))
-    monkeypatch.setattr(pipeline, "offload_encoders", lambda model: events.append("offload"))
-    settings = replace(get_preset("tiny").sampling(steps=2), frames=4)
+    monkeypatch.setattr(pipeline, "make_conditioning", lambda *a, **k: events.append(("encoding",)) or encode(*a, **k))
+    monkeypatch.setattr(pipeline, "place", lambda model, stage, keep=False: events.append((stage, keep)))
+    settings = get_preset("tiny").sampling(steps=2, frames=4)
     image = torch.zeros(1, 3, 64, 64)
     pipeline.animate(tiny, image, ["a cat"], settings, [0])
-    assert events == ["encode", "offload"]
+    assert events == [("encode", False), ("encoding",), ("sample", False), ("decode", False)]
     events.clear()
     pipeline.animate(tiny, image, ["a cat"], settings, [0], keep_encoders=True)
-    assert events == ["encode"]
+    assert events == [("encode", False), ("encoding",), ("sample", True), ("decode", True)]
 
 
 def test_decode_builds_no_autograd_graph(tiny) -> None:

@@ -58,6 +58,30 @@ def test_full_size_model_matches_manifest_exactly(name):
     assert len(loaded.unet.spatial_attentions()) == 16
 
 
+def test_toon_model_matches_its_manifest_exactly():
+    """ToonCrafter's checkpoint: the 512 keys plus 148 decoder keys (16,288,044 values), loaded strictly; only the
+    VAE differs from 512-interp."""
+    sd = manifest("toon512")
+    model = build_skeleton(get_preset("toon").model_config())
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in convert_checkpoint(sd, model.cfg).items()} == ours
+    loaded = load_state(model, sd, device="meta")
+    assert sum(p.numel() for p in loaded.vae.parameters()) == 83_653_863 + 16_288_044
+    refinement = sum(v.numel() for k, v in sd.items() if ".decoder.attn_refinement." in k)
+    assert sum(p.numel() for p in loaded.vae.decoder.attn_refinement.parameters()) == refinement == 2_199_040
+    interp = build_skeleton(get_preset("512-interp").model_config())
+    assert {k: v.shape for k, v in interp.state_dict().items() if not k.startswith("vae.")} == {
+        k: v.shape for k, v in loaded.state_dict().items() if not k.startswith("vae.")
+    }
+
+
+def test_toon_and_512_checkpoints_are_told_apart():
+    with pytest.raises(CheckpointError, match=r"148 unexpected keys.*the ToonCrafter \(toon\) model"):
+        load_state(build_skeleton(get_preset("512-interp").model_config()), manifest("toon512"), device="meta")
+    with pytest.raises(CheckpointError, match="does not fit the toon model: .*missing keys.*a 512/1024 model"):
+        load_state(build_skeleton(get_preset("toon").model_config()), manifest("512"), device="meta", expected_model="toon")
+
+
 def test_legacy_framestride_key_is_accepted():
     sd = {k.replace("fps_embedding", "framestride_embed"): v for k, v in manifest("256").items()}
     from dynamicrafter.checkpoint import unwrap_container

@@ -305,7 +305,8 @@ def test_batch_items_keep_their_seed_when_a_namesake_arrives(tmp_path):
 def test_models_lists_presets():
     result = run("models", "--json")
     rows = {r["name"]: r for r in json.loads(result.stdout)}
-    assert set(rows) == {"256", "512", "1024", "512-interp", "tiny"}
+    assert set(rows) == {"256", "512", "1024", "512-interp", "cil-512", "cil-1024", "toon", "tiny", "tiny-toon"}
+    assert rows["toon"]["size_gb"] == 10.5 and rows["tiny-toon"]["local"] == "built in"
     assert rows["tiny"]["local"] == "built in" and rows["1024"]["resolution"] == "576x1024"
 
 

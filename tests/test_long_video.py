@@ -173,7 +173,7 @@ def test_seam_measure_flags_hard_cuts_and_blending_removes_them(frames, stride):
     settings = replace(SETTINGS, frames=frames, stride=stride, cfg_scale=1.0)
     zeros = torch.zeros(1, 1, 8)
     cond = pipeline.Conditioning(zeros, zeros, zeros, torch.zeros(1, 4, frames, 2, 2), torch.zeros(1, dtype=torch.long))
-    fused = pipeline.windowed_denoiser(SimpleNamespace(unet=PositionUNet()), cond, settings)(
+    fused = pipeline.windowed_denoiser(SimpleNamespace(unet=PositionUNet(), device=torch.device("cpu"), dtype=torch.float32), cond, settings)(
         torch.zeros(1, 4, frames, 2, 2), 1
     )
     border, inside = jumps(fused, frames, 16, stride)

@@ -14,17 +14,18 @@ PACKAGE = Path(__file__).parents[1] / "src" / "dynamicrafter"
 # Layers, bottom to top: a module may import from its own layer and the ones below, never from above.
 LAYERS = [
     # 0: data, errors and pure math (settings, presets, schedules, windows, files, photos, tokens)
-    {"errors", "config", "settings", "presets", "files", "tokenizer", "images", "long_video", "sampling", "devices"},
+    {"errors", "config", "settings", "presets", "files", "tokenizer", "images", "long_video", "sampling", "devices",
+     "cil"},
     # 1: the networks, their weights, and the writers of videos and pictures
-    {"models", "checkpoint", "hub", "video", "pictures", "measures"},
+    {"models", "checkpoint", "hub", "video", "pictures", "measures", "offload"},
     # 2: the pipeline's stages; a request, and a batch's items, checked before any model loads
-    {"conditioning", "memory", "pipeline", "request", "items"},
+    {"conditioning", "memory", "pipeline", "request", "items", "toon"},
     # 3: λ sweeps (a pipeline run per λ batch)
     {"sweep"},
     # 4: the public API
     {"api", "__init__"},
-    # 5: what stands on the API: batches and their engines, the benchmark, conformance, reports
-    {"batch", "ray_engine", "bench", "verify", "report"},
+    # 5: what stands on the API: batches and their engines, the benchmark, conformance, reports, the web UI
+    {"batch", "ray_engine", "bench", "verify", "report", "ui", "ui_jobs"},
     # 6: the front end
     {"cli"},
 ]

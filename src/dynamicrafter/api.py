@@ -114,6 +114,13 @@ class Result:
         return written
 
 
+def _free_bytes(device: str) -> int | None:
+    """Free memory of a CUDA device (None elsewhere: on the CPU and MPS the memory mode has nothing to choose)."""
+    import torch
+
+    return torch.cuda.mem_get_info(device)[0] if device.startswith("cuda") else None
+
+
 class Animator:
     """A loaded model and where it runs; every call takes its settings as arguments and keeps none.
 
@@ -134,6 +141,7 @@ class Animator:
         self.net, self.preset, self.device, self.dtype = net, preset, device, dtype
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.load_s = load_s
+        self.weights, self.offload = "full", "none"  # set by load (see dynamicrafter.offload)
 
     @classmethod
     def load(
@@ -147,20 +155,40 @@ class Animator:
         notify: Callable[[str], object] | None = None,
         random_weights: bool = False,
         weights_seed: int = 0,
+        weights: str | None = None,
+        offload: str | None = None,
+        memory: str = "auto",
+        max_memory: int | None = None,
     ) -> Animator:
-        """Load ``model`` (a preset name from ``dynamicrafter models``, or a Preset) on ``device`` (default: cuda
-        when available) in ``dtype`` (``fp32``/``fp16``/``bf16``; default fp16 on cuda, fp32 elsewhere).
+        """Load ``model`` (a preset name from ``dynamicrafter models``, or a Preset) on ``device`` (default: cuda,
+        then mps, then cpu) in ``dtype`` (``fp32``/``fp16``/``bf16``; default fp16 on cuda and mps, fp32 on cpu).
 
         Weights: ``checkpoint`` (.ckpt or .safetensors), else the preset's from the Hugging Face cache, downloaded
         first when missing and ``download`` (``notify`` gets one line when a download starts); ``random_weights``
         (or a built-in preset such as ``tiny``) builds random weights from ``weights_seed`` instead.
+        Memory (:mod:`dynamicrafter.offload`): ``weights`` ``full`` or ``fp8`` (8-bit storage), ``offload``
+        ``none``/``model``/``group``; what is not given, ``memory="auto"`` picks from the free CUDA memory (or
+        ``max_memory`` bytes), ``memory="manual"`` (and any machine without CUDA and ``max_memory``) leaves at
+        ``full``/``none``.
         """
-        from .checkpoint import build_random, load_model
+        import torch
+
+        from .checkpoint import build_random, build_skeleton, load_model
         from .devices import resolve_device
         from .hub import weights_for
+        from .offload import check_modes, choose, prepare, weight_bytes
 
         preset = get_preset(model) if isinstance(model, str) else model
         torch_device, torch_dtype = resolve_device(device, dtype)
+        if memory not in ("auto", "manual"):
+            raise SettingsError("memory", f"unknown {{setting}} {memory!r}; choose auto or manual")
+        free = max_memory if max_memory is not None else _free_bytes(torch_device)
+        if memory == "auto" and free is not None and (weights is None or offload is None):
+            skeleton = build_skeleton(preset.model_config())
+            auto = choose(weight_bytes(skeleton, torch_dtype), preset.height, preset.width, free)
+            weights, offload = weights or auto[0], offload or auto[1]
+        weights, offload = weights or "full", offload or "none"
+        check_modes(weights, offload)
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
         if random_weights and checkpoint is not None:
@@ -170,13 +198,21 @@ class Animator:
             path = weights_for(preset, download=download, notify=notify)
         started = time.perf_counter()
         cfg = preset.model_config()
+        # with 8-bit storage or offloading the weights gather on the CPU first: the device never holds them all
+        staging = "cpu" if (weights, offload) != ("full", "none") else torch_device
         if path is None:
             seed = weights_seed if random_weights else (preset.seed or 0)
-            net = build_random(cfg, seed, torch_device, torch_dtype)
+            net = build_random(cfg, seed, staging, torch_dtype)
         else:
-            net = load_model(cfg, path, torch_device, torch_dtype, expected_model=preset.name)
-        return cls(net, preset, device=torch_device, dtype=torch_dtype, checkpoint=checkpoint,
-                   load_s=time.perf_counter() - started)
+            net = load_model(cfg, path, staging, torch_dtype, expected_model=preset.name)
+        net.device = torch.device(torch_device)
+        prepare(net, weights, offload)
+        if offload == "none":
+            net.to(torch_device)
+        animator = cls(net, preset, device=torch_device, dtype=torch_dtype, checkpoint=checkpoint,
+                       load_s=time.perf_counter() - started)
+        animator.weights, animator.offload = weights, offload
+        return animator
 
     # ----------------------------------------------------------------------------------------------------------
 
@@ -231,6 +267,12 @@ class Animator:
             raise ValueError("requests of one batch must share settings, mode and image_scale (see batch_key)")
         expand = [(r, seed) for r in requests for seed in r.seeds]
         check_fits(len(expand), first.settings.frames, *first.start.shape[2:], self.device)
+        init = None
+        if first.settings.analytic_init:  # CIL: the data statistics of the start noise (downloaded with the model)
+            from .cil import load_analytic_init
+            from .hub import weights_for
+
+            init = load_analytic_init(first.init_statistics or weights_for(self.preset.init_statistics))
         started = time.perf_counter()
         video = animate(  # (N, 3, T, H, W)
             self.net,
@@ -244,6 +286,7 @@ class Animator:
             image_scale=first.image_scale,
             keep_encoders=keep_encoders,
             callback=progress,
+            analytic_init=init,
         )
         timings = {"load_s": self.load_s, "generate_s": (time.perf_counter() - started) / len(expand)}
         results = [

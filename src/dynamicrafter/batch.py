@@ -54,6 +54,10 @@ class BatchSpec:
     batch_size: int = 1  # photos per UNet call
     overwrite: bool = False
     measures: bool = True  # measure every video (sidecar, summary, report)
+    weights: str | None = None  # see dynamicrafter.offload (None: chosen by memory)
+    offload: str | None = None
+    memory: str = "auto"
+    max_memory: str | None = None  # e.g. "6GiB"
 
     def output(self, item: Item) -> Path:
         """Where ``item``'s video goes (a PNG frame folder has no suffix)."""

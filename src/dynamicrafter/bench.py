@@ -12,7 +12,7 @@ no compute.  Peak memory is ``torch.cuda.max_memory_allocated`` over the whole r
 set size of the process (``resource.getrusage``; it includes whatever the process held before) on the CPU.
 
 On CUDA the pipeline's two memory policies apply, as in every run: the text and image encoders (and the
-Resampler) leave the GPU once the conditioning is made (``memory.offload_encoders``), and the VAE decodes in
+Resampler) leave the GPU once the conditioning is made (``offload.place``), and the VAE decodes in
 chunks sized so that decoding does not raise the peak already reached while sampling
 (``memory.decode_within_peak``).
 
@@ -36,6 +36,7 @@ from . import __version__
 from .api import Animator
 from .measures import measure_video
 from .memory import vision_tower_on_device
+from .offload import PARTS, part_bytes, resident_bytes
 from .models.context import UNetContext
 from .models.dynamicrafter import DynamiCrafter
 from .models.unet import UNet3D
@@ -61,6 +62,10 @@ class BenchSpec:
     checkpoint: Path | None = None  # None: random weights from ``seed``
     compile: bool = False
     seed: int = 0
+    weights: str | None = None  # memory modes (dynamicrafter.offload); None: chosen by ``memory``
+    offload: str | None = None
+    memory: str = "auto"
+    max_memory: int | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,15 @@ class BenchResult:
     sample_s: float
     decode_s: float
     decode_chunk: int
+    weights_mode: str
+    offload: str
+    weights_gib: float  # all stored weights (exact)
+    resident_encode_gib: float  # weights on the compute device during each stage (exact)
+    resident_sample_gib: float
+    resident_decode_gib: float
+    peak_encode_gib: float  # CUDA: max_memory_allocated within each stage; 0 elsewhere
+    peak_sample_gib: float
+    peak_decode_gib: float
     measures_s: float
     end_to_end_s: float
     peak_memory_gib: float
@@ -259,7 +273,8 @@ def run_benchmark(spec: BenchSpec) -> BenchResult:
     start = time.perf_counter()
     animator = Animator.load(
         spec.preset, checkpoint=spec.checkpoint, device=spec.device, dtype=spec.dtype, download=False,
-        random_weights=spec.checkpoint is None, weights_seed=spec.seed,
+        random_weights=spec.checkpoint is None, weights_seed=spec.seed, weights=spec.weights, offload=spec.offload,
+        memory=spec.memory, max_memory=spec.max_memory,
     )
     device, model = torch.device(animator.device), animator.net
     build_s = _clock(device) - start
@@ -319,6 +334,15 @@ def run_benchmark(spec: BenchSpec) -> BenchResult:
         sample_s=sample_s,
         decode_s=decode_s,
         decode_chunk=times.decode_chunk,
+        weights_mode=animator.weights,
+        offload=animator.offload,
+        weights_gib=sum(part_bytes(getattr(model, p)) for p in PARTS) / 2**30,
+        resident_encode_gib=resident_bytes(model, "encode") / 2**30,
+        resident_sample_gib=resident_bytes(model, "sample") / 2**30,
+        resident_decode_gib=resident_bytes(model, "decode") / 2**30,
+        peak_encode_gib=times.peaks.get("encode", 0) / 2**30,
+        peak_sample_gib=times.peaks.get("sample", 0) / 2**30,
+        peak_decode_gib=times.peaks.get("decode", 0) / 2**30,
         measures_s=measures_s,
         end_to_end_s=encode_s + sample_s + decode_s,
         peak_memory_gib=peak,

@@ -27,6 +27,7 @@ from torch import nn
 from .config import ModelConfig
 from .models.dynamicrafter import DynamiCrafter
 from .models.encoders import convert_text_state_dict, convert_vae_state_dict, convert_vision_state_dict
+from .models.toon_vae import convert_toon_vae_state_dict
 
 
 class CheckpointError(ValueError):
@@ -82,6 +83,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,  # convert --dtype fp8
 }
 
 
@@ -155,6 +157,8 @@ def convert_checkpoint(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict
             out[key] = value
     tower_cfg = {"text_encoder": cfg.text, "image_encoder": cfg.vision, "vae": cfg.vae}
     for _, name, convert in COMPONENTS:
+        if name == "vae" and cfg.vae.decoder == "dualref":
+            convert = convert_toon_vae_state_dict  # ToonCrafter's temporal decoder
         part = convert(parts[name], tower_cfg[name]) if convert else parts[name]
         out.update({f"{name}.{key}": value for key, value in part.items()})
     return out
@@ -172,6 +176,8 @@ def identify(sd: Mapping[str, torch.Tensor], channels: int) -> str:
     """A short guess of which model an original-layout state dict holds (``channels``: the UNet's first width)."""
     if channels != 320:
         return f"a custom architecture (UNet model_channels {channels}, not the released 320)"
+    if any(key.startswith("first_stage_model.decoder.attn_refinement.") for key in sd):
+        return "the ToonCrafter (toon) model"
     if any(key.endswith("attn2.alpha") for key in sd):
         return "the 256 model"
     scale = sd.get("scale_arr")
@@ -243,6 +249,7 @@ def build_random(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DynamiCrafter(cfg)
+    model.device, model.dtype = torch.device(device), dtype
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -265,6 +272,7 @@ def load_state(
         for key, value in converted.items()
     }
     model.load_state_dict(cast, strict=True, assign=True)
+    model.device, model.dtype = torch.device(device), dtype
     return model.to(device=device).eval().requires_grad_(False)
 
 
@@ -282,22 +290,32 @@ def load_model(
 
 def convert_to_safetensors(checkpoint: str | Path, out: str | Path, model: str, dtype: str = "fp16") -> tuple[int, int]:
     """Write a ``.safetensors`` copy of ``checkpoint`` with only the weights inference uses, in this tool's layout
-    and ``dtype`` (``fp32``/``fp16``/``bf16``), checked against ``model``'s architecture; atomically.  Returns
-    (tensors read, tensors written)."""
+    and ``dtype`` (``fp32``/``fp16``/``bf16``, or ``fp8``: float8 e4m3 for the layers ``--weights fp8`` stores in 8
+    bits, fp16 for the rest), checked against ``model``'s architecture; atomically.  Returns (tensors read, tensors
+    written)."""
     from safetensors.torch import save_file
 
     from .devices import torch_dtype
     from .files import atomic_path
+    from .offload import fp8_layers
     from .presets import get_preset
 
-    target = torch_dtype(dtype)
+    target = torch.float16 if dtype == "fp8" else torch_dtype(dtype)
     sd = read_checkpoint(checkpoint)
     skeleton = build_skeleton(get_preset(model).model_config())
     converted = convert_checkpoint(sd, skeleton.cfg)
     problems = check_state_dict(converted, skeleton.state_dict())
     if problems:
         raise CheckpointError(f"{checkpoint} does not fit the {model} model: {'; '.join(problems)}. {hint(sd)}")
-    tensors = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in converted.items()}
+    eight_bit: set[str] = set()
+    if dtype == "fp8":
+        names = {id(p): n for n, p in skeleton.named_parameters()}
+        for part in ("unet", "text_encoder", "image_encoder"):
+            eight_bit |= {names[id(p)] for layer in fp8_layers(getattr(skeleton, part)) for p in layer.parameters()}
+    tensors = {
+        k: (v.to(torch.float8_e4m3fn if k in eight_bit else target) if v.is_floating_point() else v).contiguous()
+        for k, v in converted.items()
+    }
     with atomic_path(Path(out)) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", "dynamicrafter_model": model, "dtype": dtype})
     return len(sd), len(tensors)

@@ -17,6 +17,7 @@ import torch
 from .models.context import ImageScale
 from .models.dynamicrafter import DynamiCrafter
 from .models.encoders import vae_encode
+from .models.toon_vae import encode_with_hidden, pair_refs
 from .settings import SamplingSettings
 from .tokenizer import get_tokenizer
 
@@ -33,6 +34,8 @@ class Conditioning:
     concat: torch.Tensor  # (B, 4, T, h, w) image latent(s) concatenated to the noisy latent
     fs: torch.Tensor  # (B,) long
     image_scale: ImageScale | None = None  # λ of the image cross-attention; None: 1 on every layer
+    # ToonCrafter only: the encoder maps of the start and end frames its decoder reads, per level (B, C_i, 2, h_i, w_i)
+    refs: list[torch.Tensor] | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -40,9 +43,9 @@ class Conditioning:
 
 
 def placement(model: DynamiCrafter) -> tuple[torch.device, torch.dtype]:
-    """Where the UNet runs and in which dtype."""
-    p = next(model.unet.parameters())
-    return p.device, p.dtype
+    """Where the networks compute and in which dtype (fixed at load time: parts may be offloaded between stages or
+    stored in float8)."""
+    return model.device, model.dtype
 
 
 @torch.no_grad()
@@ -66,6 +69,21 @@ def encode_latents(model: DynamiCrafter, frames: torch.Tensor) -> torch.Tensor:
     """Frames (N, 3, H, W) in [-1, 1] -> scaled posterior-mean latents (N, 4, h, w)."""
     _, dtype = placement(model)
     return vae_encode(model.vae, frames.to(dtype), model.cfg.diffusion.scale_factor)
+
+
+@torch.no_grad()
+def encode_with_refs(
+    model: DynamiCrafter, start: torch.Tensor, end: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """ToonCrafter: start and end images (B, 3, H, W) (``end`` None: the start image ends the video too) -> their
+    latents (B, 4, h, w) each and the decoder's references (B, C_i, 2, h_i, w_i), from one encoder call."""
+    _, dtype = placement(model)
+    frames = start if end is None else torch.cat([start, end])  # (B or 2B, 3, H, W)
+    z, maps = encode_with_hidden(model.vae, frames.to(dtype), model.cfg.diffusion.scale_factor)
+    b = start.shape[0]
+    if end is None:
+        return z, z, pair_refs(maps, maps)
+    return z[:b], z[b:], pair_refs([m[:b] for m in maps], [m[b:] for m in maps])
 
 
 def concat_latent(start: torch.Tensor, end: torch.Tensor | None, mode: str, frames: int) -> torch.Tensor:
@@ -119,9 +137,14 @@ def make_conditioning(
     image = encode_image_context(model, torch.cat([start, torch.zeros_like(start)]))  # (2B, n_img, C)
     txt_c, txt_u = text[:b], text[b:]
     img_c, img_u = image[:b], image[b:]
-    z = encode_latents(model, start)  # (B, 4, h, w)
-    # separate VAE calls: an interpolation to the start image is then bit-identical to a loop
-    z_end = encode_latents(model, end.to(device)) if mode == "interp" and end is not None else None
+    refs = None
+    if model.cfg.vae.decoder == "dualref":  # ToonCrafter: one encoder call, which also gives the decoder's references
+        end_here = end.to(device) if mode == "interp" and end is not None else None
+        z, z_end, refs = encode_with_refs(model, start, end_here)
+    else:
+        z = encode_latents(model, start)  # (B, 4, h, w)
+        # separate VAE calls: an interpolation to the start image is then bit-identical to a loop
+        z_end = encode_latents(model, end.to(device)) if mode == "interp" and end is not None else None
     fs = settings.fs if settings.fs is not None else model.cfg.unet.default_fs
     return Conditioning(
         context=torch.cat([txt_c, img_c], dim=1),
@@ -130,4 +153,5 @@ def make_conditioning(
         concat=concat_latent(z, z_end, mode, settings.frames),
         fs=torch.full((b,), fs, dtype=torch.long, device=device),
         image_scale=ImageScale.of(image_scale) if isinstance(image_scale, (int, float)) else image_scale,
+        refs=refs,
     )

@@ -8,6 +8,7 @@ in a fixture's ``scenario.json``) and an open_clip model config into these datac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -136,6 +137,10 @@ class VaeConfig:
     embed_dim: int = 4
     resolution: int = 256
     attn_resolutions: tuple[int, ...] = ()
+    # "image": the SD decoder, frame by frame; "dualref": ToonCrafter's temporal decoder that also reads the encoder
+    # features of the first and last frames (models/toon_vae.py)
+    decoder: str = "image"
+    attn_level: tuple[int, ...] = (2, 3)  # dualref: levels refined by cross-attention (the others by a 1x1 add)
 
     @property
     def block_out_channels(self) -> tuple[int, ...]:
@@ -196,6 +201,40 @@ def tiny_config(base: ModelConfig | None = None) -> ModelConfig:
     vae = replace(base.vae, ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
     text, vision = clip_configs_from_open_clip(TINY_CLIP, layer=base.text.layer, antialias=base.vision.antialias)
     return replace(base, unet=unet, resampler=resampler, vae=vae, text=text, vision=vision)
+
+
+def toon_config(base: ModelConfig | None = None) -> ModelConfig:
+    """ToonCrafter: ``base`` with the dual-reference temporal VAE decoder (everything else is 512-interp's)."""
+    base = base or ModelConfig()
+    return replace(base, vae=replace(base.vae, decoder="dualref"))
+
+
+# The ToonCrafter fixture's tiny widths: those of ``tiny_config`` with a 16-wide text tower (so a 16-wide context)
+# and two residual blocks per VAE level.
+TINY_TOON_CLIP = {**TINY_CLIP, "text_cfg": {**TINY_CLIP["text_cfg"], "width": 16}}
+
+
+def tiny_toon_config(base: ModelConfig | None = None) -> ModelConfig:
+    """The tiny ToonCrafter architecture (``tests/fixtures/tiny_toon_4567.ckpt``) with ``base``'s diffusion settings."""
+    cfg = tiny_config(base)
+    text, vision = clip_configs_from_open_clip(TINY_TOON_CLIP, layer=cfg.text.layer, antialias=cfg.vision.antialias)
+    return replace(
+        cfg,
+        unet=replace(cfg.unet, context_dim=text.width),
+        resampler=replace(cfg.resampler, output_dim=text.width),
+        vae=replace(cfg.vae, num_res_blocks=2, decoder="dualref"),
+        text=text,
+        vision=vision,
+    )
+
+
+# weights.toml ``architecture`` -> the builder of its ModelConfig from the released defaults plus the preset's settings
+ARCHITECTURES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
+    "full": lambda base: base,
+    "tiny": tiny_config,
+    "toon": toon_config,
+    "tiny-toon": tiny_toon_config,
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -281,7 +320,13 @@ def from_reference(model: dict[str, Any], clip: dict[str, Any] | None = None) ->
     if unet.temporal_length is None:
         raise ValueError("reference config: unet_config.params.temporal_length is required")
     first = p["first_stage_config"]["params"]
-    vae = _pick(VaeConfig, first["ddconfig"], embed_dim=first.get("embed_dim", first["ddconfig"]["z_channels"]))
+    dualref = p["first_stage_config"].get("target", "").endswith("AutoencoderKL_Dualref")  # ToonCrafter
+    vae = _pick(
+        VaeConfig,
+        first["ddconfig"],
+        embed_dim=first.get("embed_dim", first["ddconfig"]["z_channels"]),
+        decoder="dualref" if dualref else "image",
+    )
     resampler = _pick(ResamplerConfig, {**REFERENCE_RESAMPLER_DEFAULTS, **p["image_proj_stage_config"]["params"]})
     layer = p.get("cond_stage_config", {}).get("params", {}).get("layer", "last")
     antialias = p.get("img_cond_stage_config", {}).get("params", {}).get("antialias", True)

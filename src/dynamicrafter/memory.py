@@ -1,5 +1,5 @@
-"""Where each part of the model lives during a run (CUDA): the encoders on the GPU only while encoding, the VAE
-decoding in chunks sized by the memory left.  On other devices these do nothing or use fixed sizes.
+"""Memory during a run: the VAE decoding in chunks sized by the memory left, the vision tower brought back for the
+measures, and whether a frame count fits at all (where each part lives per stage: :mod:`dynamicrafter.offload`).
 
 Letters: B batch, T frames, H x W pixels.
 """
@@ -17,53 +17,36 @@ from .models.dynamicrafter import DynamiCrafter
 Decode = Callable[[DynamiCrafter, torch.Tensor, int], torch.Tensor]
 
 
-def _encoders(model: DynamiCrafter) -> tuple[torch.nn.Module, ...]:
-    return model.text_encoder, model.image_encoder, model.image_proj
-
-
-def bring_encoders(model: DynamiCrafter) -> None:
-    """Put the text and image towers and the Resampler back where the UNet is (after :func:`offload_encoders`)."""
-    device = next(model.unet.parameters()).device
-    for tower in _encoders(model):
-        tower.to(device)
-
-
-def offload_encoders(model: DynamiCrafter) -> None:
-    """On CUDA, move the text and image towers and the Resampler to the CPU: they run once, before sampling."""
-    if next(model.unet.parameters()).device.type != "cuda":
-        return
-    for tower in _encoders(model):
-        tower.to("cpu")
-    torch.cuda.empty_cache()
-
-
 @contextlib.contextmanager
 def vision_tower_on_device(model: DynamiCrafter) -> Iterator[torch.nn.Module]:
     """The CLIP vision tower where the UNet is for the block (the quality measures after decoding), then back where
     it was: sampling never holds it on the GPU for them."""
     tower = model.image_encoder
     home = next(tower.parameters()).device
-    tower.to(next(model.unet.parameters()).device)
+    tower.to(model.device)
     try:
         yield tower
     finally:
         tower.to(home)
 
 
-def decode_within_peak(model: DynamiCrafter, latents: torch.Tensor, decode: Decode) -> tuple[torch.Tensor, int]:
+def decode_within_peak(
+    model: DynamiCrafter, latents: torch.Tensor, decode: Decode, run_peak: int | None = None
+) -> tuple[torch.Tensor, int]:
     """``decode(model, latents, chunk)`` with the chunk size chosen by memory: (video (B, 3, T, H, W), frames per
     chunk).
 
     On CUDA the first frame of every sample is decoded alone to measure the memory one frame needs; the rest goes in
     the largest chunks that keep the allocation under the peak reached so far (sampling's) and within free memory,
-    at least one frame at a time.  Elsewhere 4 frames per chunk.  Resets CUDA's peak-memory statistics: a caller
-    that wants the run's peak reads it before.
+    at least one frame at a time (``run_peak``: that peak, when the caller has reset the statistics since).
+    Elsewhere 4 frames per chunk.  Resets CUDA's peak-memory statistics: a caller that wants the run's peak reads it
+    before.
     """
     device = latents.device
     if device.type != "cuda":
         return decode(model, latents, 4), 4
     b, t = latents.shape[0], latents.shape[2]
-    run_peak = torch.cuda.max_memory_allocated(device)
+    run_peak = torch.cuda.max_memory_allocated(device) if run_peak is None else run_peak
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     first = decode(model, latents[:, :, :1], b)  # (B, 3, 1, H, W)

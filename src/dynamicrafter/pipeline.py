@@ -22,11 +22,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .cil import AnalyticInit, start_noise
 from .conditioning import Conditioning, make_conditioning, placement
 from .long_video import blend_weights, fuse_windows, noise_index, split_windows, spread_frames, window_starts
-from .memory import bring_encoders, decode_within_peak, offload_encoders
+from .memory import decode_within_peak
 from .models.context import ImageScale
 from .models.dynamicrafter import DynamiCrafter
+from .offload import place
 from .models.encoders import vae_decode
 from .sampling import (
     NonFiniteError,
@@ -39,6 +41,7 @@ from .sampling import (
     sample_ddim,
 )
 from .settings import SamplingSettings
+from .toon import decode_toon
 
 Progress = Callable[[int, int], None]
 WINDOWS_PER_BATCH = 4  # long videos: windows per UNet batch unless asked otherwise (memory stays flat in length)
@@ -151,10 +154,14 @@ def sample(
     *,
     windowed: bool | None = None,
     window_batch: int | None = None,
+    analytic_init: AnalyticInit | None = None,
 ) -> torch.Tensor:
     """DDIM from ``x_T`` (B, 4, T, h, w) -> final latent (B, 4, T, h, w).
 
     ``windowed`` None: plain when T <= ``settings.window``, overlapping windows otherwise (True/False force it).
+    CIL: the DDIM grid spans ``settings.start_timestep`` timesteps; with ``settings.analytic_init`` the standard
+    normal ``x_T`` becomes the analytic start from the statistics ``analytic_init``
+    (:func:`~dynamicrafter.cil.start_noise`; they may be None only where ā at the start is 0).
     """
     if windowed is None:
         windowed = x_T.shape[2] > settings.window
@@ -164,7 +171,9 @@ def sample(
         model_fn = guided_denoiser(model, cond, settings)
     diffusion = model.cfg.diffusion
     schedule = make_schedule(diffusion)
-    timesteps = ddim_timesteps(settings.steps, settings.timestep_spacing, diffusion.timesteps)
+    timesteps = ddim_timesteps(settings.steps, settings.timestep_spacing, diffusion.timesteps, settings.start_timestep)
+    if settings.analytic_init:
+        x_T = start_noise(x_T, schedule, settings.start_timestep or diffusion.timesteps, analytic_init)
     coefficients = ddim_coefficients(schedule, timesteps, settings.eta)
     return sample_ddim(
         model_fn,
@@ -266,6 +275,7 @@ class StageTimes:
     synchronised at each boundary), the decode chunk, and on CUDA the peak memory of sampling and of the whole run."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    peaks: dict[str, int] = field(default_factory=dict)  # CUDA: the allocation peak within each stage, bytes
     decode_chunk: int = 0
     sample_peak_bytes: int = 0
     peak_bytes: int = 0
@@ -278,10 +288,14 @@ def _stage(times: StageTimes | None, name: str, device: torch.device) -> Iterato
         return
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        before = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     yield
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        times.peaks[name] = torch.cuda.max_memory_allocated(device)
+        times.peak_bytes = max(times.peak_bytes, before, times.peaks[name])
     times.seconds[name] = time.perf_counter() - start
 
 
@@ -302,43 +316,48 @@ def animate(
     keep_encoders: bool = False,
     callback: Progress | None = None,
     times: StageTimes | None = None,
+    analytic_init: AnalyticInit | None = None,
 ) -> torch.Tensor:
     """Start (and end) images (B, 3, H, W) in [-1, 1], B prompts and B seeds -> video (B, 3, T', H, W) in [-1, 1].
 
     Any ``settings.frames``: up to ``settings.window`` one plain run, beyond it overlapping windows fused at every
     step with FreeNoise noise re-use (``window_batch`` windows per UNet batch; None: all).  T' = T - 1 for loop
-    (the last frame equals the first).  ``image_scale``: λ (see :func:`make_conditioning`).  On CUDA the encoders
-    leave the GPU after encoding unless ``keep_encoders`` (a caller with more runs to make), and ``decode_chunk``
-    None sizes the VAE chunks by memory (:func:`~dynamicrafter.memory.decode_within_peak`; 4 frames elsewhere).
-    ``times``: filled with each stage's duration (see :class:`StageTimes`).
+    (the last frame equals the first).  ``image_scale``: λ (see :func:`make_conditioning`).  Before each stage the
+    parts move where the model's offload mode wants them (:func:`~dynamicrafter.offload.place`: the encoders leave
+    the GPU after encoding unless ``keep_encoders``, a caller with more runs to make), and ``decode_chunk`` None
+    sizes the VAE chunks by memory (:func:`~dynamicrafter.memory.decode_within_peak`; 4 frames elsewhere).
+    ``times``: filled with each stage's duration (see :class:`StageTimes`).  ``analytic_init``: CIL's data
+    statistics, to start from the analytic noise (see :func:`sample`).
     """
     device, dtype = placement(model)
     window_starts(settings.frames, settings.window, settings.stride)  # refuse bad windows before any work
-    bring_encoders(model)
+    place(model, "encode")
     with _stage(times, "encode", device):
         cond = make_conditioning(
             model, start, prompts, settings, end=end, mode=mode, negative_prompts=negative_prompts,
             image_scale=image_scale,
         )
-    if not keep_encoders:
-        offload_encoders(model)
+    place(model, "sample", keep_encoders)
     shape = latent_shape(model, start.shape[0], settings.frames, start.shape[2], start.shape[3])
     x_T, noise_fn = seeded_noise(
         seeds, shape, device, sampler_dtype(model), window=settings.window, stride=settings.stride
     )
     with _stage(times, "sample", device):
-        latents = sample(model, cond, settings, x_T, noise_fn, callback, window_batch=window_batch)
+        latents = sample(model, cond, settings, x_T, noise_fn, callback, window_batch=window_batch,
+                         analytic_init=analytic_init)
     if not torch.isfinite(latents).all():
         raise NonFiniteError("dtype", f"sampling produced NaN/inf values{_way_out(dtype)}")
     sample_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    place(model, "decode", keep_encoders)
     with _stage(times, "decode", device):
-        if decode_chunk is None:
-            video, decode_chunk = decode_within_peak(model, latents, decode_latents)
+        if cond.refs is not None:  # ToonCrafter's temporal decoder: whole chunks of one sample (see toon.py)
+            video, decode_chunk = decode_toon(model, latents, cond.refs)
+        elif decode_chunk is None:
+            run_peak = max(sample_peak, times.peak_bytes) if times is not None else sample_peak
+            video, decode_chunk = decode_within_peak(model, latents, decode_latents, run_peak)
         else:
             video = decode_latents(model, latents, decode_chunk)
     if times is not None:
         times.decode_chunk, times.sample_peak_bytes = decode_chunk, sample_peak
-        if device.type == "cuda":
-            times.peak_bytes = max(sample_peak, torch.cuda.max_memory_allocated(device))
     video = video.clamp(-1.0, 1.0)
     return video[:, :, :-1] if mode == "loop" else video

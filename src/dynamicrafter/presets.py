@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 from functools import cache
 from importlib import resources
 
-from .config import ModelConfig, tiny_config
+from .config import ARCHITECTURES, ModelConfig
 from .settings import SamplingSettings
 
 
@@ -25,7 +25,7 @@ class Preset:
 
     name: str
     description: str
-    architecture: str  # "full" or "tiny"
+    architecture: str  # a key of config.ARCHITECTURES: "full", "tiny", "toon" or "tiny-toon"
     height: int
     width: int
     frames: int
@@ -48,6 +48,13 @@ class Preset:
     sha256: str | None = None
     weights_gb: float | None = None  # tensor bytes of the released checkpoint (what a download fetches, roughly)
     seed: int | None = None  # random-weight seed of built-in architectures
+    # CIL: the start timestep M and whether sampling starts from the analytic initial noise by default, and where
+    # the data statistics of that noise are (Hugging Face repository and file; see dynamicrafter.cil)
+    start_timestep: int | None = None
+    analytic_init: bool = False
+    init_repo: str | None = None
+    init_file: str | None = None
+    init_sha256: str | None = None
 
     @property
     def downloadable(self) -> bool:
@@ -68,8 +75,17 @@ class Preset:
             guidance_rescale=self.guidance_rescale,
             timestep_spacing=self.timestep_spacing,
             frames=self.frames,
+            start_timestep=self.start_timestep,
+            analytic_init=self.analytic_init,
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None}).checked()
+
+    @property
+    def init_statistics(self) -> Preset | None:
+        """The analytic-init statistics file as a downloadable entry (the hub fetches it like a checkpoint)."""
+        if self.init_repo is None or self.init_file is None:
+            return None
+        return replace(self, repo=self.init_repo, file=self.init_file, sha256=self.init_sha256)
 
     def model_config(self) -> ModelConfig:
         """The network configuration this preset runs with."""
@@ -87,12 +103,10 @@ class Preset:
             use_dynamic_rescale=self.use_dynamic_rescale,
             base_scale=self.base_scale,
         )
-        cfg = replace(base, unet=unet, diffusion=diffusion)
-        if self.architecture == "tiny":
-            return tiny_config(cfg)
-        if self.architecture != "full":
+        build = ARCHITECTURES.get(self.architecture)
+        if build is None:
             raise ValueError(f"weights.toml: model {self.name!r} has unknown architecture {self.architecture!r}")
-        return cfg
+        return build(replace(base, unet=unet, diffusion=diffusion))
 
 
 @cache

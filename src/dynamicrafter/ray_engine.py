@@ -81,7 +81,11 @@ class BatchWorker:
         torch.set_num_threads(max(1, int(cpus)))
         self.spec, self.error = spec, None
         try:  # a worker that cannot load the model reports it on each of its items, like a bad item
-            self.animator = Animator.load(spec.model, checkpoint=spec.checkpoint, device=spec.device, dtype=spec.dtype)
+            from .offload import parse_size
+
+            self.animator = Animator.load(spec.model, checkpoint=spec.checkpoint, device=spec.device, dtype=spec.dtype,
+                                          weights=spec.weights, offload=spec.offload, memory=spec.memory,
+                                          max_memory=parse_size(spec.max_memory))
         except Exception as exc:
             self.error = describe(exc)
 

@@ -38,6 +38,7 @@ class Request:
     negative_prompt: str = ""
     image_scale: float | None = None  # λ on every layer; None: the checkpoint's 1
     samples: int = 1  # videos from seeds seed, seed + 1, ...
+    init_statistics: str | None = None  # CIL: a local Analytic-Init statistics file instead of the preset's
 
     @property
     def seeds(self) -> list[int]:
@@ -46,7 +47,7 @@ class Request:
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one UNet batch."""
-        return (self.settings, self.mode, self.image_scale)
+        return (self.settings, self.mode, self.image_scale, self.init_statistics)
 
 
 def _picture(image: ImageInput, setting: str) -> tuple[Image.Image, str | None]:
@@ -71,6 +72,7 @@ def make_request(
     samples: int = 1,
     negative_prompt: str = "",
     image_scale: float | None = None,
+    init_statistics: str | Path | None = None,
     **settings: Any,
 ) -> Request:
     """Check everything about one animation of ``model`` (a preset or its name) before any model loads.
@@ -78,6 +80,8 @@ def make_request(
     ``settings`` override the preset's sampler defaults (``steps``, ``cfg_scale``, ``cfg_img``, ``eta``, ``fs``,
     ``frames``, ``window``, ``stride``; see :class:`~dynamicrafter.settings.SamplingSettings`).  ``end_image``
     interpolates towards a second photo, ``loop`` makes a seamless loop (both meant for the 512-interp model).
+    CIL: ``start_timestep`` and ``analytic_init`` are sampler settings; ``init_statistics`` a local Analytic-Init
+    file (it turns ``analytic_init`` on unless that is given) instead of the preset's download.
     """
     preset = get_preset(model) if isinstance(model, str) else model
     if not isinstance(prompt, str) or not prompt.strip():
@@ -92,7 +96,20 @@ def make_request(
         raise SettingsError("image_scale", f"{{setting}} must be a finite number (got {image_scale})")
     start_picture, image_path = _picture(image, "image")
     end_picture, end_path = _picture(end_image, "end_image") if end_image is not None else (None, None)
+    if init_statistics is not None:
+        if not Path(init_statistics).is_file():
+            raise SettingsError("init_statistics", f"{{setting}} file not found: {init_statistics}")
+        settings["analytic_init"] = True if settings.get("analytic_init") is None else settings["analytic_init"]
     checked = preset.sampling(**settings)
+    if checked.analytic_init and init_statistics is None and preset.init_file is None:
+        raise SettingsError(
+            "analytic_init",
+            f"the {preset.name} model has no Analytic-Init statistics of its own for {{setting}}; give a statistics file",
+        )
+    if checked.frames < 4 and preset.model_config().vae.decoder == "dualref":
+        raise SettingsError(
+            "frames", f"ToonCrafter's decode splices two middle frames: {{setting}} must be at least 4 (got {checked.frames})"
+        )
     return Request(
         image=image_path,
         start=prepare_image(start_picture, preset.height, preset.width),
@@ -105,4 +122,5 @@ def make_request(
         negative_prompt=negative_prompt,
         image_scale=image_scale,
         samples=samples,
+        init_statistics=None if init_statistics is None else str(init_statistics),
     )

@@ -114,20 +114,25 @@ def _valid(ts: np.ndarray, num_train: int) -> bool:
     return bool(ts.min() >= 0 and ts.max() < num_train)
 
 
-def ddim_timesteps(num_steps: int, spacing: str, num_train: int = 1000) -> Tensor:
+def ddim_timesteps(num_steps: int, spacing: str, num_train: int = 1000, start: int | None = None) -> Tensor:
     """Ascending DDPM timesteps (S,) int64 that DDIM visits; S may exceed ``num_steps`` for ``uniform``.
 
-    ``uniform``: ``arange(0, N, N // num_steps) + 1`` (7 steps → 8 timesteps 1 … 995).  ``uniform_trailing``:
-    ``round(arange(N, 0, −N/num_steps))`` flipped, minus 1 (ends at N − 1).  Step counts for which the original
-    produces timestep N or −1 (it crashes or misbehaves) raise ValueError naming the nearest working counts.
+    The grid spans M = ``start`` training timesteps (None: all N = ``num_train``; CIL's start timestep M < N makes
+    sampling begin lower).  ``uniform``: ``arange(0, M, M // num_steps) + 1`` (7 steps → 8 timesteps 1 … 995).
+    ``uniform_trailing``: ``round(arange(M, 0, −M/num_steps))`` flipped, minus 1 (ends at M − 1).  Step counts for
+    which the original produces timestep N or −1 (it crashes or misbehaves) raise ValueError naming the nearest
+    working counts.
     """
     if spacing not in SPACINGS:
         raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
-    if not 1 <= num_steps <= num_train:
-        raise ValueError(f"num_steps must be in 1..{num_train}, got {num_steps}")
-    ts = _raw_timesteps(num_steps, spacing, num_train)
+    grid = num_train if start is None else start
+    if not 1 <= grid <= num_train:
+        raise ValueError(f"the start timestep must be in 1..{num_train}, got {grid}")
+    if not 1 <= num_steps <= grid:
+        raise ValueError(f"num_steps must be in 1..{grid}, got {num_steps}")
+    ts = _raw_timesteps(num_steps, spacing, grid)
     if not _valid(ts, num_train):
-        ok = [s for s in range(1, num_train + 1) if _valid(_raw_timesteps(s, spacing, num_train), num_train)]
+        ok = [s for s in range(1, grid + 1) if _valid(_raw_timesteps(s, spacing, grid), num_train)]
         below = max((s for s in ok if s < num_steps), default=None)
         above = min((s for s in ok if s > num_steps), default=None)
         nearby = " or ".join(str(s) for s in (below, above) if s is not None)

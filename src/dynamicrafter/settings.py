@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from .errors import SettingsError
 
 
+TRAIN_TIMESTEPS = 1000  # the DDPM schedule's length in every released model
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """The sampler's settings (defaults: the 256 model's; a preset's come from ``Preset.sampling``)."""
@@ -23,6 +26,11 @@ class SamplingSettings:
     frames: int = 16
     window: int = 16  # longer videos are denoised as overlapping windows of this many frames ...
     stride: int = 8  # ... starting this many frames apart (half-window overlap: every frame seen twice)
+    # CIL (conditional image leakage): sampling starts at training timestep M (the DDIM grid spans 0..M-1 instead
+    # of the whole schedule; None: the whole schedule), from the analytic initial noise of the model's data
+    # statistics when ``analytic_init`` (see dynamicrafter.cil)
+    start_timestep: int | None = None
+    analytic_init: bool = False
 
     def checked(self) -> SamplingSettings:
         """These settings, or a :class:`SettingsError` naming the first impossible one (step counts the schedule
@@ -39,8 +47,11 @@ class SamplingSettings:
             raise SettingsError("eta", f"{{setting}} must be >= 0 (got {self.eta})")
         if self.frames < 2:
             raise SettingsError("frames", f"{{setting}} must be at least 2 (got {self.frames})")
+        start = self.start_timestep
+        if start is not None and not 2 <= start <= TRAIN_TIMESTEPS:
+            raise SettingsError("start_timestep", f"{{setting}} must be within 2..{TRAIN_TIMESTEPS} (got {start})")
         try:
-            ddim_timesteps(self.steps, self.timestep_spacing)
+            ddim_timesteps(self.steps, self.timestep_spacing, TRAIN_TIMESTEPS, start)
         except ValueError as exc:
             raise SettingsError("steps", str(exc)) from None
         try:

@@ -28,6 +28,8 @@ from .pipeline import decode_latents, guided_denoiser, sample
 from .settings import SamplingSettings
 from .sampling import ddim_timesteps
 from .tokenizer import get_tokenizer
+from .toon import decode_parts
+from .models.toon_vae import splice
 from .video import video_to_uint8
 
 REL_TOL = 1e-3
@@ -119,10 +121,14 @@ def run_scenario(folder: str | Path, checkpoint: str | Path | None = None) -> It
         guidance_rescale=inputs.get("guidance_rescale", 0.0),
         timestep_spacing=inputs.get("timestep_spacing", "uniform"),
         frames=frames,
+        start_timestep=inputs.get("start_timestep"),  # CIL's M; sample_x_T is then the recorded x_M
     )
     cond = make_conditioning(model, start, [prompt], settings, end=end, mode=mode, negative_prompts=[uncond_prompt])
     if has("concat_latent"):
         yield compare("concat_latent", cond.concat, expected)
+    for i, ref in enumerate(cond.refs or ()):  # ToonCrafter: the encoder maps its decoder reads
+        if has(f"ref_hidden_{i}"):
+            yield compare(f"ref_hidden_{i}", ref, expected)
 
     if has("probe_x_t"):
         probe = SamplingSettings(cfg_scale=1.0, fs=settings.fs, frames=frames)  # one raw, unguided UNet call
@@ -141,13 +147,20 @@ def run_scenario(folder: str | Path, checkpoint: str | Path | None = None) -> It
             yield compare(key, run(cond.context, float(key[len(LAMBDA_PREFIX) :])), expected)
 
     if has("sample_ddim_timesteps"):
-        yield compare("sample_ddim_timesteps", ddim_timesteps(settings.steps, settings.timestep_spacing), expected)
+        grid = ddim_timesteps(settings.steps, settings.timestep_spacing, cfg.diffusion.timesteps, settings.start_timestep)
+        yield compare("sample_ddim_timesteps", grid, expected)
     if has("sample_x_T") and has("sample_noises"):
         noises = expected["sample_noises"]
         latent = sample(model, cond, settings, expected["sample_x_T"], lambda i, shape: noises[i])
         if has("sample_final_latent"):
             yield compare("sample_final_latent", latent, expected)
-        video = decode_latents(model, latent)  # (1, 3, T, H, W), unclamped
+        if cond.refs is None:
+            video = decode_latents(model, latent)  # (1, 3, T, H, W), unclamped
+        else:  # ToonCrafter: two decodes, spliced
+            video, middle = decode_parts(model, latent, cond.refs)
+            if has("decoded_video_middle"):
+                yield compare("decoded_video_middle", middle, expected)
+            video = splice(video, middle)
         if has("decoded_video"):
             yield compare("decoded_video", video, expected)
         if has("frames_uint8"):

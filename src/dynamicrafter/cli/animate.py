@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from .app import UsageError, app, console, flag_names, handle_errors
 from .common import (
+    MaxMemoryOpt, MemoryOpt, OffloadOpt, WeightsOpt, check_memory_options,
     CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, FpsOpt, FsOpt, JsonOpt, LambdaOpt,
     ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path,
     load_animator, progress_bar, warn_if_truncated,
@@ -72,8 +73,15 @@ def animate(
     samples: Annotated[int, typer.Option(help="Videos to make from different seeds (seed, seed+1, ...).")] = 1,
     no_measures: Annotated[bool, typer.Option("--no-measures", help="Skip the quality measures (motion, flow, CLIP conformity, flags).")] = False,
     retry_static: Annotated[int, typer.Option("--retry-static", help="Redo a video measured static with the next seeds, up to N times.")] = 0,
+    start_timestep: Annotated[Optional[int], typer.Option("--start-timestep", help="CIL: start sampling at training timestep M (e.g. 940; default: the preset's, the whole schedule).")] = None,
+    analytic_init: Annotated[Optional[bool], typer.Option("--analytic-init/--no-analytic-init", help="CIL: start from the analytic initial noise of the model's data statistics (default: the preset's).")] = None,
+    init_statistics: Annotated[Optional[Path], typer.Option("--init-statistics", help="CIL: a local Analytic-Init statistics file (.pt) instead of the preset's; turns --analytic-init on.")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    weights: WeightsOpt = None,
+    offload: OffloadOpt = None,
+    memory: MemoryOpt = "auto",
+    max_memory: MaxMemoryOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -96,6 +104,7 @@ def animate(
         preset, image, prompt, end_image=end_image, loop=loop, seed=seed, samples=samples,
         negative_prompt=negative_prompt, image_scale=image_scale, steps=steps, cfg_scale=cfg, cfg_img=cfg_img,
         eta=eta, fs=fs, frames=frames, window=window, stride=stride,
+        start_timestep=start_timestep, analytic_init=analytic_init, init_statistics=init_statistics,
     )
     outputs, fmt = output_paths(image, out, fmt, samples)
     for path in outputs:
@@ -119,6 +128,7 @@ def animate(
         except OutputError as exc:
             raise UsageError(str(exc)) from None
     check_checkpoint_path(checkpoint)
+    check_memory_options(weights, offload, memory, max_memory)
     torch_device, torch_dtype = resolve_device(device, dtype)
     check_fits(samples, request.settings.frames, preset.height, preset.width, torch_device)
     check_fps(fps)
@@ -126,13 +136,14 @@ def animate(
         raise UsageError("--retry-static needs the measures and a count >= 0")
     mode = request.mode
     if (mode == "i2v") != (preset.mode == "i2v") and preset.architecture != "tiny" and not quiet:
-        hint = "--end-image/--loop are meant for the 512-interp model" if mode != "i2v" else "the 512-interp model wants --end-image or --loop"
+        hint = "--end-image/--loop are meant for the 512-interp or toon model" if mode != "i2v" else f"the {preset.name} model wants --end-image or --loop"
         console.print(f"[yellow]warning:[/] {hint}", markup=True)
     if verbose and not quiet:
         console.print(f"model {preset.name} on {torch_device} ({torch_dtype}), mode {mode}, {request.settings}")
 
     # 2. Load, generate, write.
-    animator = load_animator(preset, checkpoint, device, dtype, quiet=quiet)
+    animator = load_animator(preset, checkpoint, device, dtype, quiet=quiet, weights=weights, offload=offload,
+                             memory=memory, max_memory=max_memory)
     with progress_bar(quiet) as progress:
         task = progress.add_task("denoising", total=None)
         results = animator.run([request], progress=lambda i, total: progress.update(task, completed=i + 1, total=total),

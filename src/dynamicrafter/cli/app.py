@@ -74,7 +74,9 @@ FLAGS = {
     "fps": "--fps", "device": "--device", "dtype": "--dtype", "layers": "--layers", "values": "--values",
     "shard": "--shard", "workers": "--workers", "batch_size": "--batch-size", "loop": "--loop",
     "end_image": "--end-image", "random_weights": "--random-weights", "seed": "--seed",
-    "retry_static": "--retry-static", "prompts": "--prompts",
+    "retry_static": "--retry-static", "prompts": "--prompts", "weights": "--weights", "offload": "--offload",
+    "memory": "--memory", "max_memory": "--max-memory", "start_timestep": "--start-timestep",
+    "analytic_init": "--analytic-init", "init_statistics": "--init-statistics",
 }
 
 

@@ -24,6 +24,7 @@ from ..batch import BatchSpec, Outcome, clear_partials, prepare_jobs, run_jobs, 
 from ..items import Item, collect_items, parse_shard, shard
 from .app import EXIT_FAILED, UsageError, app, console, handle_errors, interrupted_code
 from .common import (
+    MaxMemoryOpt, MemoryOpt, OffloadOpt, WeightsOpt, check_memory_options,
     CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, FpsOpt, FsOpt, JsonOpt, LambdaOpt,
     ModelOpt, NegativeOpt, OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path,
     load_animator, progress_bar,
@@ -77,7 +78,8 @@ def run_local(items: Sequence[Item], spec: BatchSpec, preset, quiet: bool) -> It
     yield from failed
     if not jobs:
         return
-    animator = load_animator(preset, spec.checkpoint, spec.device, spec.dtype, quiet=quiet)
+    animator = load_animator(preset, spec.checkpoint, spec.device, spec.dtype, quiet=quiet, weights=spec.weights,
+                             offload=spec.offload, memory=spec.memory, max_memory=spec.max_memory)
     with progress_bar(quiet) as progress:
         overall = progress.add_task("photos", total=len(jobs))
         steps = progress.add_task("denoising", total=None)
@@ -116,6 +118,10 @@ def batch(
     image_scale: LambdaOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    weights: WeightsOpt = None,
+    offload: OffloadOpt = None,
+    memory: MemoryOpt = "auto",
+    max_memory: MaxMemoryOpt = None,
     overwrite: OverwriteOpt = False,
     no_measures: Annotated[bool, typer.Option("--no-measures", help="Skip the quality measures and the report page.")] = False,
     quiet: QuietOpt = False,
@@ -143,6 +149,7 @@ def batch(
     out_dir = out_dir or folder / "animated"
     ensure_writable_dir(out_dir)
     check_checkpoint_path(checkpoint)
+    check_memory_options(weights, offload, memory, max_memory)
     if engine == "local":
         torch_device = resolve_device(device, dtype)[0]
         check_fits(batch_size, frames or preset.frames, preset.height, preset.width, torch_device)
@@ -154,7 +161,7 @@ def batch(
     check_fps(fps)
     spec = BatchSpec(model=model, out_dir=out_dir, fmt=fmt, seed=seed, options=options, checkpoint=checkpoint,
                      device=device, dtype=dtype, fps=fps, batch_size=batch_size, overwrite=overwrite,
-                     measures=not no_measures)
+                     measures=not no_measures, weights=weights, offload=offload, memory=memory, max_memory=max_memory)
 
     todo, skipped = split_finished(items, spec)  # finished items and known problems are never scheduled
     outcomes = {o.item.image: o for o in skipped}

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .app import UsageError, app, handle_errors
-from .common import CheckpointOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, StepsOpt, check_checkpoint_path
+from .common import MaxMemoryOpt, MemoryOpt, OffloadOpt, WeightsOpt, check_memory_options, CheckpointOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, StepsOpt, check_checkpoint_path
 
 RandomOpt = Annotated[bool, typer.Option("--random-weights", help="Random weights (speed does not depend on them).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (the first step compiles).")]
@@ -28,6 +28,8 @@ ROWS = (
     ("end_to_end_s", "end to end (encode + steps + decode)", "{:.2f} s"),
     ("measures_s", "quality measures per video", "{:.3f} s"),
     ("peak_memory_gib", "peak memory", "{:.2f} GiB"),
+    ("weights_gib", "weights stored", "{:.3f} GiB"),
+    ("resident_sample_gib", "weights on the device while sampling", "{:.3f} GiB"),
     ("unet_tflop", "work per UNet call", "{:.3f} TFLOP"),
     ("tflops", "achieved", "{:.2f} TFLOP/s"),
 )
@@ -44,6 +46,10 @@ def bench(
     batch: Annotated[int, typer.Option(help="Videos generated at once.")] = 1,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    weights: WeightsOpt = None,
+    offload: OffloadOpt = None,
+    memory: MemoryOpt = "auto",
+    max_memory: MaxMemoryOpt = None,
     random_weights: RandomOpt = False,
     checkpoint: CheckpointOpt = None,
     compile_unet: CompileOpt = False,
@@ -53,6 +59,7 @@ def bench(
     """Run the pipeline once and report build, encode, per-call, per-step, decode and end-to-end times, peak memory
     and achieved TFLOP/s."""
     from ..bench import BenchSpec, run_benchmark
+    from ..offload import parse_size
     from ..devices import resolve_device
     from ..hub import local_weights
     from ..presets import get_preset
@@ -71,6 +78,7 @@ def bench(
     if batch < 1:
         raise UsageError(f"--batch must be at least 1 (got {batch})")
     resolve_device(device, dtype)
+    check_memory_options(weights, offload, memory, max_memory)
     settings = preset.sampling(steps=steps, frames=frames)
     spec = BenchSpec(
         preset=preset,
@@ -83,6 +91,10 @@ def bench(
         checkpoint=checkpoint,
         compile=compile_unet,
         seed=seed,
+        weights=weights,
+        offload=offload,
+        memory=memory,
+        max_memory=parse_size(max_memory),
     )
     result = run_benchmark(spec).to_dict()
     if as_json:

@@ -28,6 +28,10 @@ NegativeOpt = Annotated[str, typer.Option("--negative-prompt", help="Prompt for 
 LambdaOpt = Annotated[Optional[float], typer.Option("--lambda", help="Image cross-attention scale λ for every layer (small: more motion).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu).")]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="Weight storage: full, or fp8 (8-bit UNet and towers, cast up per layer; default: chosen by --memory).")]
+OffloadOpt = Annotated[Optional[str], typer.Option("--offload", help="none, model (each part on the GPU only while it runs) or group (UNet layers streamed); default: chosen by --memory.")]
+MemoryOpt = Annotated[str, typer.Option("--memory", help="auto: pick --weights/--offload from the free GPU memory; manual: full weights, no offload.")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option("--max-memory", help="GPU memory --memory auto may plan for, e.g. 6GiB.")]
 FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Output format: mp4, gif, webp or png (a folder of frames).")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace existing outputs.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
@@ -57,7 +61,18 @@ def download_bar(name: str, show: bool) -> Iterator[Optional[Callable[[int, Opti
         yield update
 
 
-def load_animator(preset: Preset, checkpoint: Path | None, device: str | None, dtype: str | None, quiet: bool = False):
+def load_animator(
+    preset: Preset,
+    checkpoint: Path | None,
+    device: str | None,
+    dtype: str | None,
+    quiet: bool = False,
+    *,
+    weights: str | None = None,
+    offload: str | None = None,
+    memory: str = "auto",
+    max_memory: str | None = None,
+):
     """The :class:`~dynamicrafter.api.Animator` of ``preset``: from ``checkpoint``, the local cache, a first-run
     download (announced on the console), or random (built-in presets), with a spinner while it loads."""
     from ..api import Animator
@@ -68,7 +83,21 @@ def load_animator(preset: Preset, checkpoint: Path | None, device: str | None, d
             weights_for(preset, notify=None if quiet else console.print, progress=progress,
                         alternative=", or pass --checkpoint PATH")
     with console.status(f"loading the {preset.name} model", spinner="dots") if not quiet else nullcontext():
-        return Animator.load(preset, checkpoint=checkpoint, device=device, dtype=dtype, download=False)
+        from ..offload import parse_size
+
+        return Animator.load(preset, checkpoint=checkpoint, device=device, dtype=dtype, download=False,
+                             weights=weights, offload=offload, memory=memory, max_memory=parse_size(max_memory))
+
+
+def check_memory_options(weights: str | None, offload: str | None, memory: str, max_memory: str | None) -> None:
+    """--weights, --offload, --memory and --max-memory names and sizes, before any model loads."""
+    from ..errors import SettingsError
+    from ..offload import check_modes, parse_size
+
+    check_modes(weights or "full", offload or "none")
+    if memory not in ("auto", "manual"):
+        raise SettingsError("memory", f"unknown {{setting}} {memory!r}; choose auto or manual")
+    parse_size(max_memory)
 
 
 def check_checkpoint_path(checkpoint: Path | None) -> None:

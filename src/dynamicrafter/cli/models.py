@@ -69,6 +69,8 @@ def download(
         try:
             with download_bar(p.name, show=not quiet and console.is_terminal) as progress:
                 path = fetch_weights(p, directory, notify=None if quiet else console.print, progress=progress)
+                if p.init_statistics is not None:  # CIL's Analytic-Init statistics (a few MB), for --analytic-init
+                    fetch_weights(p.init_statistics, directory, notify=None if quiet else console.print, progress=progress)
         except KeyboardInterrupt:  # the bytes received so far stay for the next run
             raise fail(f"interrupted; rerun `dynamicrafter download {p.name}` to resume", EXIT_INTERRUPTED) from None
         done.append({"model": p.name, "path": str(path)})
@@ -84,7 +86,7 @@ def convert(
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Original .ckpt (or .safetensors) checkpoint.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.", show_default=False)],
     model: Annotated[str, typer.Option("--model", "-m", help="The preset the checkpoint belongs to.")] = "512",
-    dtype: Annotated[str, typer.Option(help="Stored precision: fp32, fp16 or bf16.")] = "fp16",
+    dtype: Annotated[str, typer.Option(help="Stored precision: fp32, fp16, bf16, or fp8 (8-bit linear and convolution weights, fp16 elsewhere).")] = "fp16",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -98,7 +100,8 @@ def convert(
         raise UsageError(f"--out must end in .safetensors (got {out})")
     if out.exists() and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
-    torch_dtype(dtype)  # a SettingsError for unknown names, before any work
+    if dtype != "fp8":
+        torch_dtype(dtype)  # a SettingsError for unknown names, before any work
     read, written = convert_to_safetensors(checkpoint, out, model, dtype)
     tensors = range(written)
     summary = {"input": str(checkpoint), "output": str(out), "model": model, "dtype": dtype,

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from .app import UsageError, app, console, handle_errors
 from .common import (
+    MaxMemoryOpt, MemoryOpt, OffloadOpt, WeightsOpt, check_memory_options,
     CfgImgOpt, CfgOpt, CheckpointOpt, DeviceOpt, DtypeOpt, EtaOpt, FpsOpt, FsOpt, JsonOpt, ModelOpt, NegativeOpt,
     OverwriteOpt, QuietOpt, SeedOpt, StepsOpt, VerboseOpt, check_checkpoint_path, load_animator, progress_bar,
     warn_if_truncated,
@@ -55,6 +56,10 @@ def lambda_sweep(
     negative_prompt: NegativeOpt = "",
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    weights: WeightsOpt = None,
+    offload: OffloadOpt = None,
+    memory: MemoryOpt = "auto",
+    max_memory: MaxMemoryOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -85,13 +90,15 @@ def lambda_sweep(
         raise UsageError(f"{out_dir} already holds a sweep; pass --overwrite to replace it")
     ensure_writable_dir(out_dir)
     check_checkpoint_path(checkpoint)
+    check_memory_options(weights, offload, memory, max_memory)
     torch_device, torch_dtype = resolve_device(device, dtype)
     check_fps(fps)
     check_fits(batch_size or len(lambdas), request.settings.frames, preset.height, preset.width, torch_device)
 
     if verbose and not quiet:
         console.print(f"model {preset.name} on {torch_device} ({torch_dtype}), λ {lambdas} on blocks {blocks}, {request.settings}")
-    animator = load_animator(preset, checkpoint, device, dtype, quiet=quiet)
+    animator = load_animator(preset, checkpoint, device, dtype, quiet=quiet, weights=weights, offload=offload,
+                             memory=memory, max_memory=max_memory)
     with progress_bar(quiet) as progress:
         task = progress.add_task(f"denoising {len(lambdas)} λ values", total=request.settings.steps)
         result = animator.sweep_request(

@@ -74,7 +74,10 @@ def clip_preprocess(images: torch.Tensor, cfg: ClipVisionConfig) -> torch.Tensor
         raise ValueError(
             f"clip_preprocess expects a float tensor (B, 3, H, W), got {images.dtype} {tuple(images.shape)}"
         )
-    x = clip_resize(images, cfg.image_size, cfg.antialias)
+    if images.device.type == "mps" and images.dtype != torch.float32:  # MPS lacks half-precision bicubic resizing
+        x = clip_resize(images.float(), cfg.image_size, cfg.antialias).to(images.dtype)
+    else:
+        x = clip_resize(images, cfg.image_size, cfg.antialias)
     x = (x + 1.0) / 2.0
     mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

@@ -60,8 +60,15 @@ class Linear(nn.Linear):
 
 
 def pointwise(layer: nn.Linear | nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Apply a Linear or a kernel-1 convolution to the last (channel) axis of ``x``."""
-    return linear(x, layer.weight.flatten(1), layer.bias)
+    """Apply a Linear or a kernel-1 convolution to the last (channel) axis of ``x``.  A Linear runs through its own
+    forward (where weight-storage and offloading hooks act); a convolution's weight is used as stored, cast to
+    ``x``'s dtype if it is stored in another (fp8)."""
+    if isinstance(layer, nn.Linear):
+        return layer(x)
+    weight, bias = layer.weight.flatten(1), layer.bias
+    if weight.dtype != x.dtype:
+        weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+    return linear(x, weight, bias)
 
 
 # im2col pays off on the CPU for wide convolutions with few output pixels (docs/PERFORMANCE.md).
@@ -107,7 +114,7 @@ def conv_over_time(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
 
     The 2-D kernel is 2-2.5x faster than the 3-D one on the CPU (docs/PERFORMANCE.md).
     """
-    if conv.kernel_size[1:] != (1, 1):
-        return conv(x)
+    if conv.kernel_size[1:] != (1, 1) or conv.weight.dtype != x.dtype or conv.weight.device != x.device:
+        return conv(x)  # also a layer stored in fp8 or offloaded: its forward hooks bring the weight
     y = conv2d(x.flatten(3), conv.weight.squeeze(-1), conv.bias, padding=(conv.padding[0], 0))  # (B, C', T, h·w)
     return y.unflatten(3, x.shape[3:])  # (B, C', T, h, w)
