@@ -71,6 +71,28 @@ def never_load(monkeypatch):
     monkeypatch.setattr(Animator, "load", boom)
 
 
+def headless_chromium(width: int = 1600, height: int = 1000):
+    """Debian's Chromium driven headless by Selenium, with the performance (network) log on; skips the test with
+    the reason where Selenium, Chromium or chromedriver is missing."""
+    import shutil
+
+    try:
+        from selenium import webdriver
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install selenium)")
+    binary = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    driver = shutil.which("chromedriver")
+    if binary is None or driver is None:
+        pytest.skip("Chromium or chromedriver is not installed (Debian: apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--autoplay-policy=no-user-gesture-required", f"--window-size={width},{height}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
 @pytest.fixture(autouse=True)
 def _run_in_a_fresh_folder(tmp_path, monkeypatch):
     """Every test runs in its own empty working folder: commands that write beside the current folder by default

@@ -16,6 +16,8 @@ import pytest
 from dynamicrafter.report import build_report
 from dynamicrafter.video import write_frames
 
+from .conftest import headless_chromium
+
 pytest.importorskip("cv2", reason="the report computes missing measures with opencv-python-headless")
 
 EVIL_PROMPT = 'a <script>alert("x")</script> & friends'
@@ -134,21 +136,7 @@ def test_empty_folder_gives_a_page(tmp_path: Path):
 
 
 def _browser():
-    try:
-        from selenium import webdriver
-    except ImportError:
-        pytest.skip("selenium is not installed (pip install selenium)")
-    binary = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-    driver = shutil.which("chromedriver")
-    if binary is None or driver is None:
-        pytest.skip("Chromium or chromedriver is not installed (Debian: apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--autoplay-policy=no-user-gesture-required", "--window-size=1600,1000"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    return headless_chromium(1600, 1000)
 
 
 def _poll(fn, timeout: float = 20.0, every: float = 0.1):
