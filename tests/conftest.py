@@ -71,6 +71,18 @@ def never_load(monkeypatch):
     monkeypatch.setattr(Animator, "load", boom)
 
 
+def poll(fn, timeout: float = 20.0, every: float = 0.1):
+    """``fn()`` again every ``every`` seconds until it returns something true or ``timeout`` passes; its last value."""
+    import time
+
+    end = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value or time.monotonic() > end:
+            return value
+        time.sleep(every)
+
+
 def headless_chromium(width: int = 1600, height: int = 1000):
     """Debian's Chromium driven headless by Selenium, with the performance (network) log on; skips the test with
     the reason where Selenium, Chromium or chromedriver is missing."""

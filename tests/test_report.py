@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 from dynamicrafter.report import build_report
 from dynamicrafter.video import write_frames
 
-from .conftest import headless_chromium
+from .conftest import headless_chromium, poll
 
 pytest.importorskip("cv2", reason="the report computes missing measures with opencv-python-headless")
 
@@ -139,13 +138,6 @@ def _browser():
     return headless_chromium(1600, 1000)
 
 
-def _poll(fn, timeout: float = 20.0, every: float = 0.1):
-    end = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > end:
-            return value
-        time.sleep(every)
 
 
 def test_report_in_chromium(report_folder: Path):
@@ -160,7 +152,7 @@ def test_report_in_chromium(report_folder: Path):
             videos = browser.execute_script(state_js)
             return all(rs >= 2 and d and d > 0 for _, rs, d, _ in videos) or any(err for *_, err in videos)
 
-        _poll(ready_or_failed)
+        poll(ready_or_failed)
         videos = browser.execute_script(state_js)
         assert len(videos) == 2
         for src, ready_state, duration, error in videos:

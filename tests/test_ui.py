@@ -21,7 +21,7 @@ from dynamicrafter.cli import app
 from dynamicrafter.presets import get_preset
 from dynamicrafter.ui_jobs import AnimateForm, Jobs, SweepForm, Upload, free_folder, free_output, ui_message
 
-from .conftest import headless_chromium
+from .conftest import headless_chromium, poll
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "astronaut.jpg"
 CLI = [sys.executable, "-c", "from dynamicrafter.cli import app; app(prog_name='dynamicrafter')"]
@@ -291,9 +291,9 @@ def test_jobs_queue_one_at_a_time_and_stop(server):
     first, second = client(server), client(server)
     photo = handle_file(server.folder / "photo.jpg")
     long = first.submit(photo=photo, prompt="slow", steps=500, seed=11, api_name="/animate")
-    assert _poll(lambda: (p := long.status().progress_data) and p[0].desc == "denoising", 60)
+    assert poll(lambda: (p := long.status().progress_data) and p[0].desc == "denoising", 60)
     short = second.submit(photo=photo, prompt="quick", steps=2, seed=12, api_name="/animate")
-    status = _poll(lambda: (s := short.status()).rank is not None and s, 30)
+    status = poll(lambda: (s := short.status()).rank is not None and s, 30)
     assert status and status.rank == 0 and status.queue_size >= 1  # next in line, behind the running job
     stopped = time.monotonic()
     first.predict(api_name="/animate_stop")
@@ -309,13 +309,6 @@ def test_jobs_queue_one_at_a_time_and_stop(server):
 # In a real browser
 
 
-def _poll(fn, timeout: float = 20.0, every: float = 0.1):
-    end = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > end:
-            return value
-        time.sleep(every)
 
 
 def _browser():
@@ -340,22 +333,22 @@ def test_a_visitor_animates_a_photo_in_chromium(server):
 
     try:
         browser.get(server.url)
-        assert _poll(lambda: browser.find_elements(By.CSS_SELECTOR, "#animate-photo input[type=file]"), 30)
+        assert poll(lambda: browser.find_elements(By.CSS_SELECTOR, "#animate-photo input[type=file]"), 30)
         find("#animate-photo input[type=file]").send_keys(str(server.folder / "photo.jpg"))
         find("#animate-prompt textarea").send_keys("an astronaut waving")
         fill("#animate-steps input", 2)
         fill("#animate-seed input", 5)
         fill("#animate-lambda input[type=number]", 0.6)
         find("#animate-lambda input[type=number]").send_keys("\t")
-        _poll(lambda: find("#animate-photo img").get_attribute("src"), 20)
+        poll(lambda: find("#animate-photo img").get_attribute("src"), 20)
         expected = free_output(server.out, "photo", "mp4")  # taken names are skipped: photo_1.mp4, ...
         find("#animate-run").click()
         state = ("const v = document.querySelector('#animate-video video');"
                  "return v ? [v.readyState, v.duration, v.error ? v.error.code : 0, v.currentTime] : null")
-        assert _poll(lambda: (s := browser.execute_script(state)) and s[0] >= 2 and s[1] > 0, 180), "no video came"
+        assert poll(lambda: (s := browser.execute_script(state)) and s[0] >= 2 and s[1] > 0, 180), "no video came"
         ready_state, duration, error, t0 = browser.execute_script(state)
         assert error == 0 and duration > 1.5  # 16 frames at 8 fps
-        assert _poll(lambda: browser.execute_script(state)[3] > t0, 10), "the video does not play"
+        assert poll(lambda: browser.execute_script(state)[3] > t0, 10), "the video does not play"
         assert find("#animate-shown-seed textarea").get_attribute("value") == "5"
         record = json.loads(expected.with_suffix(".json").read_text())
         assert record["seed"] == 5 and record["image_scale"] == 0.6 and record["settings"]["steps"] == 2
@@ -364,7 +357,7 @@ def test_a_visitor_animates_a_photo_in_chromium(server):
         fill("#animate-seed input", 99)  # "Use this seed again" puts the result's settings back
         fill("#animate-lambda input[type=number]", 1.5)
         find("#animate-again").click()
-        assert _poll(lambda: find("#animate-seed input").get_attribute("value") == "5", 10)
+        assert poll(lambda: find("#animate-seed input").get_attribute("value") == "5", 10)
         assert find("#animate-lambda input[type=number]").get_attribute("value") == "0.6"
         assert find("#animate-steps input").get_attribute("value") == "2"
 
@@ -374,7 +367,7 @@ def test_a_visitor_animates_a_photo_in_chromium(server):
         time.sleep(0.5)
         find("#animate-run").click()
         text = "not a readable image (not a format Pillow knows, or not an image at all): broken.jpg"
-        assert _poll(lambda: text in find("body").text, 30), find("body").text[-2000:]
+        assert poll(lambda: text in find("body").text, 30), find("body").text[-2000:]
         assert sorted(server.out.iterdir()) == before
 
         logged = [json.loads(e["message"])["message"] for e in browser.get_log("performance")]

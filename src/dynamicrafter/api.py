@@ -114,13 +114,6 @@ class Result:
         return written
 
 
-def _free_bytes(device: str) -> int | None:
-    """Free memory of a CUDA device (None elsewhere: on the CPU and MPS the memory mode has nothing to choose)."""
-    import torch
-
-    return torch.cuda.mem_get_info(device)[0] if device.startswith("cuda") else None
-
-
 class Animator:
     """A loaded model and where it runs; every call takes its settings as arguments and keeps none.
 
@@ -176,13 +169,16 @@ class Animator:
         from .checkpoint import build_random, build_skeleton, load_model
         from .devices import resolve_device
         from .hub import weights_for
+        from .memory import available_bytes
         from .offload import check_modes, choose, prepare, weight_bytes
 
         preset = get_preset(model) if isinstance(model, str) else model
         torch_device, torch_dtype = resolve_device(device, dtype)
         if memory not in ("auto", "manual"):
             raise SettingsError("memory", f"unknown {{setting}} {memory!r}; choose auto or manual")
-        free = max_memory if max_memory is not None else _free_bytes(torch_device)
+        free = max_memory  # else the free CUDA memory: on the CPU and MPS there is nothing to choose without it
+        if free is None and torch_device.startswith("cuda"):
+            free = available_bytes(torch_device)
         if memory == "auto" and free is not None and (weights is None or offload is None):
             skeleton = build_skeleton(preset.model_config())
             auto = choose(weight_bytes(skeleton, torch_dtype), preset.height, preset.width, free)
