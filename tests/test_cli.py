@@ -305,7 +305,8 @@ def test_batch_items_keep_their_seed_when_a_namesake_arrives(tmp_path):
 def test_models_lists_presets():
     result = run("models", "--json")
     rows = {r["name"]: r for r in json.loads(result.stdout)}
-    assert set(rows) == {"256", "512", "1024", "512-interp", "cil-512", "cil-1024", "toon", "tiny", "tiny-toon"}
+    assert set(rows) == {"256", "512", "1024", "512-interp", "cil-512", "cil-1024", "toon", "tiny", "tiny-toon", "toy"}
+    assert rows["toy"]["local"] == "shipped" and rows["toy"]["path"].endswith("toy.safetensors")
     assert rows["toon"]["size_gb"] == 10.5 and rows["tiny-toon"]["local"] == "built in"
     assert rows["tiny"]["local"] == "built in" and rows["1024"]["resolution"] == "576x1024"
 
@@ -315,6 +316,7 @@ def test_download_offline_and_builtin(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever this machine has downloaded
     one_line_error(run("download", "256"), 1, "HF_HUB_OFFLINE")
     one_line_error(run("download", "tiny"), 2, "built in")
+    one_line_error(run("download", "toy"), 2, "ships with the tool")
 
 
 def test_convert_roundtrip(tmp_path):

@@ -13,9 +13,9 @@ PACKAGE = Path(__file__).parents[1] / "src" / "dynamicrafter"
 
 # Layers, bottom to top: a module may import from its own layer and the ones below, never from above.
 LAYERS = [
-    # 0: data, errors and pure math (settings, presets, schedules, windows, files, photos, tokens)
+    # 0: data, errors and pure math (settings, presets, schedules, windows, files, photos, tokens, the toy world)
     {"errors", "config", "settings", "presets", "files", "tokenizer", "images", "long_video", "sampling", "devices",
-     "cil"},
+     "cil", "toy"},
     # 1: the networks, their weights, and the writers of videos and pictures
     {"models", "checkpoint", "hub", "video", "pictures", "measures", "offload"},
     # 2: the pipeline's stages; a request, and a batch's items, checked before any model loads

@@ -44,6 +44,7 @@ class UNetConfig:
     fs_condition: bool = True
     default_fs: int = 24
     text_tokens: int = 77  # the fixed text/image split of the context inside attention
+    norm_groups: int = 32  # GroupNorm groups (the original's 32; the toy model's 8, see toy_config)
     image_tokens_per_frame: int = 16  # the "77 + 16*T" per-frame context rule
 
     @property
@@ -141,6 +142,7 @@ class VaeConfig:
     # features of the first and last frames (models/toon_vae.py)
     decoder: str = "image"
     attn_level: tuple[int, ...] = (2, 3)  # dualref: levels refined by cross-attention (the others by a 1x1 add)
+    norm_groups: int = 32  # GroupNorm groups of the image decoder and encoder (the SD VAE's 32; the toy model's 8)
 
     @property
     def block_out_channels(self) -> tuple[int, ...]:
@@ -228,10 +230,23 @@ def tiny_toon_config(base: ModelConfig | None = None) -> ModelConfig:
     )
 
 
+def toy_config(base: ModelConfig | None = None) -> ModelConfig:
+    """The toy model's architecture (scripts/train_toy.py): the tiny widths with 8 GroupNorm groups instead of 32.
+
+    At the tiny widths (32 and 64 channels) 32 groups normalise each channel on its own, which erases every
+    per-channel constant: the time embedding that a ResBlock adds before its second norm, and an image's plain
+    background colour in the VAE.  Trained that way the model barely learns; 8 groups keep both.  The weights have
+    the tiny model's keys and shapes (a GroupNorm's parameters do not depend on its groups).
+    """
+    cfg = tiny_config(base)
+    return replace(cfg, unet=replace(cfg.unet, norm_groups=8), vae=replace(cfg.vae, norm_groups=8))
+
+
 # weights.toml ``architecture`` -> the builder of its ModelConfig from the released defaults plus the preset's settings
 ARCHITECTURES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
     "full": lambda base: base,
     "tiny": tiny_config,
+    "toy": toy_config,
     "toon": toon_config,
     "tiny-toon": tiny_toon_config,
 }

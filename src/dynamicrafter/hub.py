@@ -301,7 +301,9 @@ def weights_for(
     alternative: str = "",
 ) -> Path | None:
     """The checkpoint of ``preset`` on this machine (downloaded first when missing and ``download``); None for a
-    built-in (random-weight) preset."""
+    built-in (random-weight) preset; the shipped file of a bundled one (``toy``)."""
+    if preset.bundled_path is not None:
+        return preset.bundled_path
     if not preset.downloadable:
         return None
     path = local_weights(preset)

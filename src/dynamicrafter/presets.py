@@ -10,6 +10,7 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 from .config import ARCHITECTURES, ModelConfig
 from .settings import SamplingSettings
@@ -25,7 +26,7 @@ class Preset:
 
     name: str
     description: str
-    architecture: str  # a key of config.ARCHITECTURES: "full", "tiny", "toon" or "tiny-toon"
+    architecture: str  # a key of config.ARCHITECTURES: "full", "tiny", "toy", "toon" or "tiny-toon"
     height: int
     width: int
     frames: int
@@ -48,6 +49,7 @@ class Preset:
     sha256: str | None = None
     weights_gb: float | None = None  # tensor bytes of the released checkpoint (what a download fetches, roughly)
     seed: int | None = None  # random-weight seed of built-in architectures
+    bundled: str | None = None  # a checkpoint shipped inside the package (dynamicrafter/data/NAME): the toy model
     # CIL: the start timestep M and whether sampling starts from the analytic initial noise by default, and where
     # the data statistics of that noise are (Hugging Face repository and file; see dynamicrafter.cil)
     start_timestep: int | None = None
@@ -59,6 +61,13 @@ class Preset:
     @property
     def downloadable(self) -> bool:
         return self.repo is not None
+
+    @property
+    def bundled_path(self) -> Path | None:
+        """The shipped checkpoint of a bundled preset (``toy``), or None."""
+        if self.bundled is None:
+            return None
+        return Path(str(resources.files("dynamicrafter").joinpath("data", self.bundled)))
 
     def sampling(self, **overrides: object) -> SamplingSettings:
         """This preset's sampler settings with ``overrides`` (None values keep the preset's), checked: a

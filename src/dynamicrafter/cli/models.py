@@ -24,10 +24,11 @@ def models(as_json: JsonOpt = False) -> None:
 
     rows = []
     for preset in load_presets().values():
-        path = local_weights(preset) if preset.downloadable else None
+        path = preset.bundled_path or (local_weights(preset) if preset.downloadable else None)
+        local = "shipped" if preset.bundled else "built in" if not preset.downloadable else ("yes" if path else "no")
         rows.append({
             "name": preset.name, "resolution": f"{preset.height}x{preset.width}", "frames": preset.frames,
-            "mode": preset.mode, "local": "built in" if not preset.downloadable else ("yes" if path else "no"),
+            "mode": preset.mode, "local": local,
             "size_gb": round(path.stat().st_size / 1e9, 2) if path else preset.weights_gb,
             "path": str(path) if path else None, "description": preset.description,
         })
@@ -60,7 +61,7 @@ def download(
     presets = [get_preset(n) for n in (names or ["512"])]
     for p in presets:
         if not p.downloadable:
-            raise UsageError(f"the {p.name} model is built in; nothing to download")
+            raise UsageError(f"the {p.name} model {'ships with the tool' if p.bundled else 'is built in'}; nothing to download")
     done = []
     for p in presets:
         if verbose and not quiet:

@@ -247,10 +247,11 @@ class SpatialTransformer(nn.Module):
         use_linear: bool = True,
         image_cross_attention: bool = False,
         scale_learnable: bool = False,
+        groups: int = 32,
     ) -> None:
         super().__init__()
         inner = heads * dim_head
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(
@@ -297,11 +298,12 @@ class TemporalTransformer(nn.Module):
         cross_attention: bool = False,
         causal: bool = False,
         relative_length: int | None = None,
+        groups: int = 32,
     ) -> None:
         super().__init__()
         inner = heads * dim_head
         self.cross_attention, self.causal = cross_attention, causal
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = Linear(channels, inner) if use_linear else nn.Conv1d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(

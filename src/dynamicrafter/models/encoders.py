@@ -204,7 +204,7 @@ def build_vae(cfg: VaeConfig) -> AutoencoderKL:
         layers_per_block=cfg.num_res_blocks,
         act_fn="silu",
         latent_channels=cfg.z_channels,
-        norm_num_groups=32,
+        norm_num_groups=cfg.norm_groups,
         sample_size=cfg.resolution,
         mid_block_add_attention=True,
         use_quant_conv=True,

@@ -43,13 +43,13 @@ class GroupNorm32(nn.GroupNorm):
 class TemporalConvBlock(nn.Module):
     """Four residual GroupNorm → SiLU → Conv3d stages over time (statistics across frames)."""
 
-    def __init__(self, channels: int, spatial_aware: bool = False) -> None:
+    def __init__(self, channels: int, spatial_aware: bool = False, groups: int = 32) -> None:
         super().__init__()
         th_kernel, th_pad = ((3, 3, 1), (1, 1, 0)) if spatial_aware else ((3, 1, 1), (1, 0, 0))
         tw_kernel, tw_pad = ((3, 1, 3), (1, 0, 1)) if spatial_aware else ((3, 1, 1), (1, 0, 0))
 
         def stage(kernel: tuple[int, ...], pad: tuple[int, ...], first: bool = False) -> nn.Sequential:
-            layers = [nn.GroupNorm(32, channels), nn.SiLU()] + ([] if first else [nn.Identity()])  # Dropout slot
+            layers = [nn.GroupNorm(groups, channels), nn.SiLU()] + ([] if first else [nn.Identity()])  # Dropout slot
             return nn.Sequential(*layers, nn.Conv3d(channels, channels, kernel, padding=pad))
 
         self.conv1 = stage(th_kernel, th_pad, first=True)
@@ -88,22 +88,23 @@ class ResBlock(nn.Module):
         temporal_conv: bool = False,
         tempspatial_aware: bool = False,
         resample: str | None = None,
+        groups: int = 32,
     ) -> None:
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.resample = {None: None, "down": _down, "up": _up}[resample]
         self.in_layers = nn.Sequential(
-            GroupNorm32(32, channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(groups, channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
         emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
         self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(  # index 2 is the original's (inert) Dropout
-            GroupNorm32(32, out_channels), nn.SiLU(), nn.Identity(), Conv2d(out_channels, out_channels, 3, padding=1)
+            GroupNorm32(groups, out_channels), nn.SiLU(), nn.Identity(), Conv2d(out_channels, out_channels, 3, padding=1)
         )
         self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
         # (sic) the checkpoint's spelling
-        self.temopral_conv = TemporalConvBlock(out_channels, tempspatial_aware) if temporal_conv else None
+        self.temopral_conv = TemporalConvBlock(out_channels, tempspatial_aware, groups) if temporal_conv else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, batch: int) -> torch.Tensor:
         """x (B·T, Ci, h, w), emb (B·T, E) -> (B·T, Co, h', w')."""
@@ -198,6 +199,7 @@ class UNet3D(nn.Module):
                     use_linear=False,
                     cross_attention=not cfg.temporal_selfatt_only,
                     relative_length=self._relative_length,
+                    groups=cfg.norm_groups,
                 )
             )
         chans, ch, ds = [mc], mc, 1
@@ -228,7 +230,7 @@ class UNet3D(nn.Module):
                     ds //= 2
                 self.output_blocks.append(UNetBlock(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(cfg.norm_groups, ch), nn.SiLU(), Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     # ----------------------------------------------------------------------------------------------------------
     # construction helpers
@@ -246,12 +248,14 @@ class UNet3D(nn.Module):
             use_scale_shift_norm=cfg.use_scale_shift_norm,
             temporal_conv=cfg.temporal_conv,
             tempspatial_aware=cfg.tempspatial_aware,
+            groups=cfg.norm_groups,
         )
 
     def _resample(self, ch: int, direction: str) -> nn.Module:
         cfg = self.cfg
         if cfg.resblock_updown:
-            return ResBlock(ch, cfg.time_embed_dim, use_scale_shift_norm=cfg.use_scale_shift_norm, resample=direction)
+            return ResBlock(ch, cfg.time_embed_dim, use_scale_shift_norm=cfg.use_scale_shift_norm, resample=direction,
+                            groups=cfg.norm_groups)
         return Downsample(ch, cfg.conv_resample) if direction == "down" else Upsample(ch, cfg.conv_resample)
 
     def _transformers(self, ch: int) -> list[nn.Module]:
@@ -270,6 +274,7 @@ class UNet3D(nn.Module):
                 use_linear=cfg.use_linear,
                 image_cross_attention=cfg.image_cross_attention,
                 scale_learnable=cfg.image_cross_attention_scale_learnable,
+                groups=cfg.norm_groups,
             )
         ]
         if cfg.temporal_attention:
@@ -283,6 +288,7 @@ class UNet3D(nn.Module):
                     use_linear=cfg.use_linear,
                     causal=cfg.use_causal_attention,
                     relative_length=self._relative_length,
+                    groups=cfg.norm_groups,
                 )
             )
         return layers
