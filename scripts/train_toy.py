@@ -13,6 +13,7 @@ CUDA when present.  docs/TOY.md tells what was trained, how long, and what it do
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -125,6 +126,9 @@ def make_pool(net: DynamiCrafter, seed: int, videos: int, device: torch.device) 
     return {"scenes": scenes, "latents": torch.cat(latents)}
 
 
+schedule_of = functools.cache(make_schedule)  # once per run, not once per step (the config is frozen, hashable)
+
+
 def diffusion_loss(net: DynamiCrafter, pool: dict, seed: int, step: int, batch: int, device: torch.device,
                    drop_text: float, drop_image: float, drop_both: float = 0.0, high_noise: float = 0.0,
                    high_from: float = 0.5) -> torch.Tensor:
@@ -150,7 +154,7 @@ def diffusion_loss(net: DynamiCrafter, pool: dict, seed: int, step: int, batch: 
     context = torch.cat([net.text_encoder(ids), net.image_proj(clip_tokens)], dim=1)
     fs = torch.full((b,), net.cfg.unet.default_fs, dtype=torch.long, device=device)
     prepared = net.unet.prepare(context, fs, t)
-    schedule = make_schedule(net.cfg.diffusion)
+    schedule = schedule_of(net.cfg.diffusion)
     n = schedule.num_timesteps
     ts = torch.randint(0, n, (b,), generator=g)
     if high_noise > 0:  # the direction is decided in the first, noisiest steps: train there more often
