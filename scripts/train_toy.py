@@ -222,6 +222,11 @@ def train(args: argparse.Namespace) -> None:
     if state is not None:
         if len(state["opt"]["param_groups"]) == len(opt.param_groups):
             opt.load_state_dict(state["opt"])
+            for i, group in enumerate(opt.param_groups):  # a group saved in another order: its moments start afresh
+                if any(p in opt.state and opt.state[p]["exp_avg"].shape != p.shape for p in group["params"]):
+                    log(f"optimizer group {i} was saved in another parameter order: its moments start afresh")
+                    for p in group["params"]:
+                        opt.state.pop(p, None)
         else:
             log("optimizer state of another grouping: starting it afresh")
         ema, step = state["ema"], state["step"]
