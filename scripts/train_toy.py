@@ -280,7 +280,8 @@ def export(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    """Held-out scenes (another seed stream than training's) through the public API; direction and distance."""
+    """Held-out scenes (another seed stream than training's) through the public API, each animated with all four
+    prompts from the same noise seed, so that only the prompt differs; direction hits, a confusion table, distance."""
     from dynamicrafter import Animator
 
     anim = Animator.load("toy", checkpoint=args.checkpoint)
@@ -289,17 +290,20 @@ def evaluate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     for i in range(args.videos):
         direction = toy.DIRECTIONS[i % 4]
-        scene = toy.random_scene(rng, direction=direction)
-        result = anim.animate(toy.first_frame_uint8(scene), toy.prompt(direction), seed=1000 + i,
+        if i % 4 == 0:
+            image = toy.first_frame_uint8(toy.random_scene(rng))
+        result = anim.animate(image, toy.prompt(direction), seed=1000 + i // 4,
                               image_scale=args.image_scale, steps=args.steps, cfg_scale=args.cfg_scale)
         tr = toy.track(result.frames)
         rows.append({"want": direction, "got": tr.direction, "distance": round(tr.distance, 2)})
     hits = sum(r["want"] == r["got"] for r in rows)
     dist = [r["distance"] for r in rows if r["want"] == r["got"]]
+    confusion = {w: {g: sum(r["want"] == w and r["got"] == g for r in rows) for g in (*toy.DIRECTIONS, "still")}
+                 for w in toy.DIRECTIONS}
     summary = {"videos": len(rows), "direction_hits": hits, "hit_rate": hits / len(rows),
                "mean_distance": float(np.mean(dist)) if dist else 0.0, "training_distance": toy.DISTANCE,
                "mean_distance_all": float(np.mean([r["distance"] for r in rows])),
-               "seconds_per_video": (time.perf_counter() - started) / len(rows)}
+               "seconds_per_video": (time.perf_counter() - started) / len(rows), "confusion": confusion}
     print(json.dumps(summary))
     if args.verbose:
         for r in rows:
