@@ -255,6 +255,7 @@ def train(args: argparse.Namespace) -> None:
             log(f"step {step}: loss {np.mean(losses[-100:]):.4f}, {len(losses) / elapsed:.2f} steps/s")
         if time.perf_counter() - last_save > 300:
             info["unet_seconds"] = info.get("unet_seconds", 0.0) + time.perf_counter() - last_save
+            info.update(steps=step, final_loss=float(np.mean(losses[-100:])))  # what an export of this state says
             last_save = time.perf_counter()
             save_state(state_path, net, ema, opt, step, {"info": info})
     info["unet_seconds"] = info.get("unet_seconds", 0.0) + time.perf_counter() - last_save
@@ -273,7 +274,7 @@ def export(args: argparse.Namespace) -> None:
     sd.update(state["ema"])
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-    info = {k: str(v) for k, v in state.get("info", {}).items()}
+    info = {k: str(v) for k, v in {**state.get("info", {}), "steps": state["step"]}.items()}
     out = Path(args.out)
     save_file(tensors, out, metadata={"format": "pt", "dynamicrafter_model": "toy", "dtype": args.dtype, **info})
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(tensors)} tensors, step {state['step']})")
