@@ -2,6 +2,7 @@
 
     python scripts/train_toy.py train --minutes 40        # VAE first, then UNet + Resampler + text tower
     python scripts/train_toy.py export                    # EMA weights -> src/dynamicrafter/data/toy.safetensors
+    python scripts/train_toy.py decoder --seconds 720     # then the VAE decoder alone, objects' colours weighted up
     python scripts/train_toy.py evaluate --videos 40      # held-out scenes through the public API, tracked
 
 A development tool, not a test: it never runs in CI.  Everything is deterministic from ``--seed`` (model
@@ -104,6 +105,56 @@ def vae_error(net: DynamiCrafter, seed: int, device: torch.device) -> float:
     frames = video.transpose(1, 2).flatten(0, 1).to(device)
     recon = net.vae.decode(net.vae.encode(frames).latent_dist.mean).sample
     return float((recon - frames).abs().mean())
+
+
+def tune_decoder(args: argparse.Namespace) -> None:
+    """Train the VAE decoder alone, on the frozen encoder's latents, with the objects' pixels weighted up.
+
+    The first VAE phase learns the backgrounds (most of every frame) well and small objects' colours badly; the
+    encoder stays as it is, so the latents the UNet was trained on do not change, only how they are drawn."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    src = Path(args.checkpoint or OUT)
+    torch.manual_seed(args.seed)
+    net = DynamiCrafter(get_preset("toy").model_config()).requires_grad_(False)
+    net.load_state_dict({k: v.float() for k, v in load_file(src).items()})
+    vae = net.vae.to(device)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    started, step, losses = time.perf_counter(), 0, []
+    while time.perf_counter() - started < args.seconds:
+        rng, g = generator(args.seed, 6, step)
+        scenes, video = scenes_video(rng, 8)
+        pick = torch.from_numpy(rng.integers(0, toy.FRAMES, 8))
+        frames = torch.stack([video[i, :, pick[i]] for i in range(8)]).to(device)
+        background = torch.tensor([s.background for s in scenes], device=device).view(8, 3, 1, 1) * 2 - 1
+        weight = 1 + args.object_weight * ((frames - background).abs().amax(1, keepdim=True) > 0.02)
+        with torch.no_grad():
+            mean = vae.encode(frames).latent_dist.mean
+        noisy = mean + args.noise * mean.std() * torch.randn(mean.shape, generator=g).to(device)
+        recon = vae.decode(noisy).sample
+        loss = ((recon - frames).abs() + (recon - frames) ** 2).mul(weight).sum() / weight.expand_as(frames).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * (0.55 + 0.45 * math.cos(math.pi * min(1.0, (time.perf_counter() - started) / args.seconds)))
+        opt.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        if step % 50 == 0:
+            log(f"decoder step {step}: weighted loss {np.mean(losses[-50:]):.4f}")
+    with safe_open(src, "pt") as f:
+        metadata = {**f.metadata(), "decoder_steps": str(step), "decoder_seconds": str(round(args.seconds))}
+    sd = {k: v.half().contiguous() if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    out = Path(args.out)
+    save_file(sd, out, metadata=metadata)
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) after {step} decoder steps")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -331,17 +382,24 @@ def main() -> None:
     e.add_argument("--out", default=str(OUT))
     e.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     v = sub.add_parser("evaluate")
+    d = sub.add_parser("decoder", help="train the VAE decoder alone (objects' colours), on a checkpoint")
+    d.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
+    d.add_argument("--out", default=str(OUT))
+    d.add_argument("--seconds", type=float, default=900.0)
+    d.add_argument("--lr", type=float, default=1e-4)
+    d.add_argument("--noise", type=float, default=0.1, help="latent noise, relative to the latents' std")
+    d.add_argument("--object-weight", type=float, default=20.0, help="extra loss weight of the object's pixels")
     v.add_argument("--checkpoint", default=None)
     v.add_argument("--videos", type=int, default=40)
     v.add_argument("--steps", type=int, default=None)
     v.add_argument("--cfg-scale", type=float, default=None)
     v.add_argument("--image-scale", type=float, default=1.0)
     v.add_argument("--verbose", action="store_true")
-    for p in (t, e, v):
+    for p in (t, e, v, d):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--work", default=str(ROOT / ".toy-train"))
     args = ap.parse_args()
-    {"train": train, "export": export, "evaluate": evaluate}[args.command](args)
+    {"train": train, "export": export, "evaluate": evaluate, "decoder": tune_decoder}[args.command](args)
 
 
 if __name__ == "__main__":
