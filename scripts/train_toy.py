@@ -51,6 +51,24 @@ def scenes_video(rng: np.random.Generator, n: int) -> tuple[list[toy.Scene], tor
     return scenes, torch.stack([toy.render(s) for s in scenes])  # (N, 3, T, S, S)
 
 
+def one_frame_each(rng: np.random.Generator, n: int) -> tuple[list[toy.Scene], torch.Tensor]:
+    """``n`` random scenes and one random frame of each (n, 3, S, S): what the VAE phases train on."""
+    scenes, video = scenes_video(rng, n)
+    pick = rng.integers(0, toy.FRAMES, n)
+    return scenes, torch.stack([video[i, :, pick[i]] for i in range(n)])
+
+
+def cosine_lr(opt: torch.optim.Optimizer, lr: float, started: float, seconds: float) -> None:
+    """Decay the learning rate from ``lr`` to a tenth of it over a budget of ``seconds`` begun at ``started``."""
+    for group in opt.param_groups:
+        group["lr"] = lr * (0.55 + 0.45 * math.cos(math.pi * min(1.0, (time.perf_counter() - started) / seconds)))
+
+
+def to_file(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A state dict as safetensors stores it: floating tensors in ``dtype``, contiguous."""
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The VAE
 
@@ -63,17 +81,14 @@ def train_vae(net: DynamiCrafter, seed: int, seconds: float, device: torch.devic
     started, step, losses = time.perf_counter(), 0, []
     while time.perf_counter() - started < seconds:
         rng, g = generator(seed, 1, step)
-        _, video = scenes_video(rng, 8)
-        pick = torch.from_numpy(rng.integers(0, toy.FRAMES, 8))
-        frames = torch.stack([video[i, :, pick[i]] for i in range(8)]).to(device)  # one frame of each scene
+        frames = one_frame_each(rng, 8)[1].to(device)
         mean = vae.encode(frames).latent_dist.mean  # a plain autoencoder: sampling the posterior slowed it down
         recon = vae.decode(mean + 0.05 * mean.detach().std() * torch.randn(mean.shape, generator=g)).sample
         loss = F.l1_loss(recon, frames) + F.mse_loss(recon, frames)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 0.5)  # unclipped, a loss spike undid 1,300 steps
-        for group in opt.param_groups:  # cosine decay to a tenth over the budget
-            group["lr"] = 1e-4 * (0.55 + 0.45 * math.cos(math.pi * min(1.0, (time.perf_counter() - started) / seconds)))
+        cosine_lr(opt, 1e-4, started, seconds)
         opt.step()
         losses.append(float(loss.detach()))
         if step % 50 == 0:
@@ -129,9 +144,8 @@ def tune_decoder(args: argparse.Namespace) -> None:
     started, step, losses = time.perf_counter(), 0, []
     while time.perf_counter() - started < args.seconds:
         rng, g = generator(args.seed, 6, step)
-        scenes, video = scenes_video(rng, 8)
-        pick = torch.from_numpy(rng.integers(0, toy.FRAMES, 8))
-        frames = torch.stack([video[i, :, pick[i]] for i in range(8)]).to(device)
+        scenes, frames = one_frame_each(rng, 8)
+        frames = frames.to(device)
         background = torch.tensor([s.background for s in scenes], device=device).view(8, 3, 1, 1) * 2 - 1
         weight = 1 + args.object_weight * ((frames - background).abs().amax(1, keepdim=True) > 0.02)
         with torch.no_grad():
@@ -142,8 +156,7 @@ def tune_decoder(args: argparse.Namespace) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.5)
-        for group in opt.param_groups:
-            group["lr"] = args.lr * (0.55 + 0.45 * math.cos(math.pi * min(1.0, (time.perf_counter() - started) / args.seconds)))
+        cosine_lr(opt, args.lr, started, args.seconds)
         opt.step()
         losses.append(float(loss.detach()))
         step += 1
@@ -151,9 +164,8 @@ def tune_decoder(args: argparse.Namespace) -> None:
             log(f"decoder step {step}: weighted loss {np.mean(losses[-50:]):.4f}")
     with safe_open(src, "pt") as f:
         metadata = {**f.metadata(), "decoder_steps": str(step), "decoder_seconds": str(round(args.seconds))}
-    sd = {k: v.half().contiguous() if v.is_floating_point() else v for k, v in net.state_dict().items()}
     out = Path(args.out)
-    save_file(sd, out, metadata=metadata)
+    save_file(to_file(net.state_dict(), torch.float16), out, metadata=metadata)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) after {step} decoder steps")
 
 
@@ -306,7 +318,7 @@ def train(args: argparse.Namespace) -> None:
             log(f"step {step}: loss {np.mean(losses[-100:]):.4f}, {len(losses) / elapsed:.2f} steps/s")
         if time.perf_counter() - last_save > 300:
             info["unet_seconds"] = info.get("unet_seconds", 0.0) + time.perf_counter() - last_save
-            info.update(steps=step, final_loss=float(np.mean(losses[-100:])))  # what an export of this state says
+            info["final_loss"] = float(np.mean(losses[-100:]))  # what an export of this state says (export adds the step)
             last_save = time.perf_counter()
             save_state(state_path, net, ema, opt, step, {"info": info})
     info["unet_seconds"] = info.get("unet_seconds", 0.0) + time.perf_counter() - last_save
@@ -324,7 +336,7 @@ def export(args: argparse.Namespace) -> None:
     sd = dict(state["model"])
     sd.update(state["ema"])
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    tensors = to_file(sd, dtype)
     info = {k: str(v) for k, v in {**state.get("info", {}), "steps": state["step"]}.items()}
     out = Path(args.out)
     save_file(tensors, out, metadata={"format": "pt", "dynamicrafter_model": "toy", "dtype": args.dtype, **info})
